@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 try:  # FlashAttention 3 (Hopper) when installed; PyTorch SDPA otherwise.
@@ -61,8 +60,8 @@ OWNED_PREFIXES = (
 DEMO_DEFAULTS = {
     "DATA_PATH": DEMO_DIR, "TOKENIZER_PATH": f"{DEMO_DIR}/demo_512_bpe.model", "VOCAB_SIZE": "512",
     "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
-    "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "TRAIN_BATCH_TOKENS": "8192",
-    "ITERATIONS": "200", "MAX_WALLCLOCK_SECONDS": "120", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "25",
+    "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "TRAIN_BATCH_TOKENS": "4096",
+    "ITERATIONS": "150", "MAX_WALLCLOCK_SECONDS": "90", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "25",
     "SSM_LAYERS": "0", "SSM_KERNEL_SIZE": "32", "XSA_LAST_N": "4", "VE_LAYERS": "3", "BIGRAM_VOCAB_SIZE": "512",
     "BIGRAM_DIM": "32", "VE_DIM": "32", "GPTQ_CALIB_SEQS": "16", "GPTQ_RESERVE_SECONDS": "2",
     "EVAL_BATCH_SEQS": "16", "MATRIX_LR": "0.02", "TIED_EMBED_LR": "0.03",
@@ -306,6 +305,12 @@ def write_data_shard(path: str | Path, tokens: np.ndarray) -> None:
         f.write(np.asarray(tokens, dtype="<u2").tobytes())
 
 
+def check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise ValueError(f"{what} holds token id {top}, outside VOCAB_SIZE={vocab_size}: wrong tokenizer or data")
+
+
 def find_shards(data_path: str, split: str) -> list[str]:
     """Sorted shard paths of one split, every header checked before any model is built."""
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
@@ -320,13 +325,15 @@ def find_shards(data_path: str, split: str) -> list[str]:
 class TokenStream:
     """Reads shards in order and wraps around; take(n) returns the next n tokens."""
 
-    def __init__(self, files: list[str]):
-        self.files, self.file_idx, self.pos = files, 0, 0
-        self.tokens = load_data_shard(files[0])
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size, self.file_idx = files, vocab_size, -1
+        self._advance()
 
     def _advance(self) -> None:
         self.file_idx = (self.file_idx + 1) % len(self.files)
-        self.tokens, self.pos = load_data_shard(self.files[self.file_idx]), 0
+        path = self.files[self.file_idx]
+        self.tokens, self.pos = load_data_shard(path), 0
+        check_token_range(self.tokens.numpy(), self.vocab_size, f"shard {path}")
 
     def take(self, n: int) -> Tensor:
         chunks = []
@@ -342,8 +349,8 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each call takes one global micro-batch span from the stream; rank r keeps its own disjoint slice."""
 
-    def __init__(self, files: list[str], rank: int, world_size: int, device: torch.device):
-        self.stream, self.rank, self.world_size, self.device = TokenStream(files), rank, world_size, device
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
+        self.stream, self.rank, self.world_size, self.device = TokenStream(files, vocab_size), rank, world_size, device
 
     def next_batch(self, seqs: int, seq_len: int) -> tuple[Tensor, Tensor]:
         per_rank = seqs * seq_len + 1
@@ -408,11 +415,6 @@ def load_validation_tokens(data_path: str, max_tokens: int = 0) -> np.ndarray:
     return tokens
 
 
-def check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:
-    top = int(tokens.max())
-    if top >= vocab_size:
-        raise ValueError(f"{what} holds token id {top}, outside VOCAB_SIZE={vocab_size}: wrong tokenizer or data")
-
 
 # -----------------------------
 # TRANSFORMER / S4D MODULES
@@ -455,19 +457,13 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
-# cuDNN's fused attention is the fastest SDPA kernel on Hopper (about 1.5x flash for this shape); the others
-# remain as fallbacks for shapes or devices it does not take.
-SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q: [B, T, H, D]; k, v: [B, T, Hkv, D] (grouped-query, never repeated in memory). Returns [B, T, H, D]."""
     if fa3_attention is not None and q.is_cuda:
         out = fa3_attention(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=k.size(2) != q.size(2))
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
 
@@ -1047,7 +1043,7 @@ def quantize_model(model: GPT, hessians: dict[str, Tensor], args: Hyperparameter
     for name, t in state.items():
         if name in tensors:
             continue
-        if t.ndim == 2 and t.numel() > 65_536 or name.endswith(("bigram.proj.weight", "ve_proj.weight")):
+        if (t.ndim == 2 and t.numel() > 65_536) or name.endswith(("bigram.proj.weight", "ve_proj.weight")):
             q, scale = quantize_rtn(t, args.embed_quant_bits)
             tensors[name] = {"q": q.cpu(), "scale": scale.cpu(), "bits": args.embed_quant_bits}
         else:
@@ -1336,7 +1332,7 @@ def main() -> None:
         if distributed else compiled
     orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_on else None
     optimizers = build_optimizers(base_model, args, orthogonalize)
-    loader = DistributedTokenLoader(train_files, rank, world_size, device)
+    loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
 
     def sync() -> None:
         if use_cuda:
@@ -1377,7 +1373,7 @@ def main() -> None:
         base_model.load_state_dict(initial_model)
         for opt, saved in zip(optimizers, initial_optimizers):
             opt.load_state_dict(saved)
-        loader = DistributedTokenLoader(train_files, rank, world_size, device)
+        loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
 
     # MAIN TRAINING LOOP. The clock counts training steps only (not validation); GPTQ_RESERVE_SECONDS of the
     # MAX_WALLCLOCK_SECONDS budget are kept for calibration, which also reads training data.
