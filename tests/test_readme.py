@@ -1,0 +1,37 @@
+"""The README is the user's manual: its first screen runs the product and the tests, and its table lists every knob."""
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_first_screen_has_the_two_commands():
+    first_screen = "\n".join(README.splitlines()[:40])
+    assert "python3 train_gpt.py" in first_screen
+    assert "pytest" in first_screen
+    assert "torchrun --standalone --nproc_per_node=8 train_gpt.py" in README
+
+
+def test_every_knob_is_documented_with_its_default():
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", README))
+    knobs = tg.Hyperparameters(env={}).values
+    missing = sorted(set(knobs) - documented)
+    assert not missing, f"README table lacks {missing}"
+    table = {}
+    for line in README.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) == 3 and cells[0].startswith("`") and " / " not in cells[0]:
+            table[cells[0].strip("`")] = cells[1].strip("`")
+    for name in ("NUM_LAYERS", "MODEL_DIM", "TRAIN_BATCH_TOKENS", "QUANT_BITS", "EVAL_STRIDE", "MAX_WALLCLOCK_SECONDS"):
+        assert float(table[name]) == float(knobs[name]), name
+    assert table["SSM_LAYERS"] == tg.env_string(knobs["SSM_LAYERS"])
+    assert table["SSM_MODE"] == knobs["SSM_MODE"] and table["SSM_KERNEL"] == knobs["SSM_KERNEL"]
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "pytest -q tests" in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,262 @@
+"""Tests of records/summarize_seeds.py (t distribution, folder summary) and of the record folders in records/."""
+import importlib.util
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("summarize_seeds", ROOT / "records" / "summarize_seeds.py")
+ss = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ss)
+
+SEP = "=" * 100
+SIZE_LIMIT = 16_000_000
+
+
+# ---------------------------------------------------------------- Student t CDF
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7.5, 30, 1000])
+def test_t_cdf_is_one_half_at_zero(df):
+    assert ss.t_cdf(0.0, df) == pytest.approx(0.5, abs=1e-15)
+
+
+def test_t_cdf_cauchy_df1():
+    assert ss.t_cdf(1.0, 1) == pytest.approx(0.75, abs=1e-12)
+    for t in (-30.0, -2.5, -0.3, 0.1, 1.7, 12.0):
+        assert ss.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+
+
+def test_t_cdf_df2_closed_form():
+    assert ss.t_cdf(2.0, 2) == pytest.approx(0.5 + 2 / (2 * math.sqrt(6)), abs=1e-12)
+    for t in (-9.0, -1.1, 0.4, 3.3, 50.0):
+        assert ss.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+
+
+def test_t_cdf_df3_closed_form():
+    for t in (-4.0, -0.7, 0.9, 2.2, 8.0):
+        u = t / math.sqrt(3)
+        expected = 0.5 + (u / (1 + u * u) + math.atan(u)) / math.pi
+        assert ss.t_cdf(t, 3) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("df", [5, 9, 25])
+def test_t_cdf_matches_numerical_integral_of_the_density(df):
+    t = 1.9
+    x = np.linspace(0.0, t, 20001)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = np.exp(log_c) * (1 + x * x / df) ** (-(df + 1) / 2)
+    h = x[1] - x[0]
+    simpson = h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum())
+    assert ss.t_cdf(t, df) == pytest.approx(0.5 + simpson, abs=1e-10)
+
+
+def test_t_cdf_large_df_approaches_normal():
+    for t in (-3.0, -1.0, 0.5, 1.96, 2.5):
+        assert ss.t_cdf(t, 1000) == pytest.approx(0.5 * (1 + math.erf(t / math.sqrt(2))), abs=1e-3)
+
+
+def test_t_critical_value_df4():
+    assert 1 - ss.t_cdf(3.747, 4) == pytest.approx(0.01, abs=2e-4)  # one-sided table value t_{0.01, 4} = 3.747
+
+
+def test_t_cdf_monotone_and_symmetric():
+    ts = np.linspace(-6, 6, 61)
+    values = [ss.t_cdf(float(t), 3) for t in ts]
+    assert all(b > a for a, b in zip(values, values[1:]))
+    for t in ts:
+        assert ss.t_cdf(float(t), 3) + ss.t_cdf(float(-t), 3) == pytest.approx(1.0, abs=1e-13)
+
+
+# ---------------------------------------------------------------- synthetic run folders
+
+FAKE_SOURCE = ('"""fake train_gpt.py"""\n'
+               'def report(tag, loss, bpb):\n'
+               '    log0(f"{tag}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")\n'
+               'final_int5_sliding_window_exact val_loss:9.99999999 val_bpb:9.99999999\n')
+
+
+def write_run(folder: Path, stem: str, seed: int, loss: float, bpb: float, source: str = FAKE_SOURCE,
+              log_loss: float | None = None) -> None:
+    """A fake run as train_gpt.py writes it: logs <stem>.txt (source, separator, log lines) and <stem>.json."""
+    log_loss = loss if log_loss is None else log_loss
+    lines = [source, SEP, "hyperparameters:", f"  RUN_ID: {stem}", f"  SEED: {seed}", "  VAL_MAX_TOKENS: 0",
+             "step:100/20000 train_loss:3.1 train_time:1000ms step_avg:10.00ms",
+             f"final_int5_roundtrip_exact val_loss:{loss + 0.04:.8f} val_bpb:{bpb + 0.02:.8f}",
+             f"final_int5_sliding_window val_loss:{log_loss:.4f} val_bpb:{bpb:.4f} seq_len:2048 stride:64",
+             f"final_int5_sliding_window_exact val_loss:{log_loss:.8f} val_bpb:{bpb:.8f}",
+             f"submission_facts:logs/{stem}.json valid:True"]
+    (folder / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    compliance = {flag: True for flag in ss.FLAGS}
+    compliance["calibration"] = "training shards, inside the training wall clock"
+    facts = {"run_id": stem, "seed": seed, "status": "evaluated", "steps": 5000 + seed % 7,
+             "step_avg_ms": 110.0 + seed % 3, "train_time_ms": 590000.0, "train_plus_calibration_s": 598.5,
+             "bytes_code": len(source.encode()), "bytes_model": 15_000_000 + seed, "valid": True,
+             "bytes_total": 15_000_000 + seed + len(source.encode()), "val_loss": loss, "val_bpb": bpb,
+             "results": {"roundtrip": {"val_loss": loss + 0.04, "val_bpb": bpb + 0.02, "eval_seconds": 3.0},
+                         "sliding_window": {"val_loss": loss, "val_bpb": bpb, "eval_seconds": 80.0}},
+             "eval_time_seconds": 83.0, "compliance": compliance, "hardware": "8x NVIDIA H100 80GB HBM3",
+             "pytorch_version": "2.11.0+cu130", "pre_quant_val_loss": loss - 0.01, "config": {"VAL_MAX_TOKENS": "0"}}
+    (folder / f"{stem}.json").write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
+
+
+LOSSES = {1337: 1.90123456789, 42: 1.90456789012, 2025: 1.89987654321}
+BPBS = {1337: 1.12601234567, 42: 1.12799876543, 2025: 1.12519876543}
+
+
+def three_runs(folder: Path, source: str = FAKE_SOURCE) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in LOSSES:
+        write_run(folder, f"seed{seed}", seed, LOSSES[seed], BPBS[seed], source=source)
+    return folder
+
+
+def test_summary_of_three_runs(tmp_path):
+    three_runs(tmp_path)
+    sub = ss.summarize(tmp_path, reference_loss=1.92, margin=0.005, meta={"author": "a", "name": "n"})
+    assert (tmp_path / "results.md").is_file()
+    assert json.loads((tmp_path / "submission.json").read_text()) == sub
+    losses, bpbs = np.array(list(LOSSES.values())), np.array(list(BPBS.values()))
+    assert sub["val_loss"] == pytest.approx(losses.mean(), abs=1e-12)
+    assert sub["val_bpb"] == pytest.approx(bpbs.mean(), abs=1e-12)
+    assert sub["val_loss_std"] == pytest.approx(losses.std(ddof=1), abs=1e-12)
+    assert sub["val_bpb_std"] == pytest.approx(bpbs.std(ddof=1), abs=1e-12)
+    assert sub["seeds"] == sorted(LOSSES)
+    assert sub["seed_results"]["42"]["val_loss"] == LOSSES[42]
+    assert sub["bytes_total"] == max(15_000_000 + s + len(FAKE_SOURCE.encode()) for s in LOSSES)
+    test = sub["t_test"]
+    t = (1.92 - 0.005 - losses.mean()) / (losses.std(ddof=1) / math.sqrt(3))
+    assert (test["n"], test["df"]) == (3, 2) and test["t"] == pytest.approx(t, rel=1e-12)
+    assert 0 < test["p"] < 1
+    assert test["p"] == pytest.approx(1 - (0.5 + t / (2 * math.sqrt(2 + t * t))), rel=1e-9)  # df=2 closed form
+    assert all(sub["compliance"][flag] is True for flag in ss.FLAGS)
+    assert sub["compliance"]["calibration"] == "training shards, inside the training wall clock"
+    md = (tmp_path / "results.md").read_text()
+    assert "| 42 |" in md and "p < 0.01" in md and f"{sub['val_loss']:.8f}" in md
+
+
+def test_p_decreases_as_reference_loss_rises(tmp_path):
+    three_runs(tmp_path)
+    ps = [ss.summarize(tmp_path, reference_loss=ref)["t_test"]["p"] for ref in (1.905, 1.91, 1.92, 1.95)]
+    assert all(0 < p < 1 for p in ps)
+    assert all(b < a for a, b in zip(ps, ps[1:]))
+
+
+def test_json_log_disagreement_names_the_file(tmp_path):
+    three_runs(tmp_path)
+    write_run(tmp_path, "seed42", 42, LOSSES[42], BPBS[42], log_loss=LOSSES[42] + 1e-6)
+    with pytest.raises(ss.RecordError, match="seed42.txt"):
+        ss.summarize(tmp_path, reference_loss=1.92)
+    assert ss.main([str(tmp_path), "--reference-loss", "1.92"]) == 1
+
+
+def test_single_run_has_no_p_and_no_std(tmp_path):
+    write_run(tmp_path, "only", 7, 1.9, 1.12)
+    sub = ss.summarize(tmp_path, reference_loss=1.95)
+    assert sub["val_loss_std"] is None and sub["val_bpb_std"] is None
+    assert sub["t_test"]["p"] is None and sub["t_test"]["t"] is None and sub["t_test"]["n"] == 1
+    assert "not computable (needs at least 2 seeds)" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "submission.json").read_text())["t_test"]["p"] is None
+
+
+def test_identical_losses_give_no_p(tmp_path):
+    for seed in (1, 2):
+        write_run(tmp_path, f"s{seed}", seed, 1.9, 1.12)
+    sub = ss.summarize(tmp_path, reference_loss=1.95)
+    assert sub["val_loss_std"] == 0.0 and sub["t_test"]["p"] is None and sub["t_test"]["n"] == 2
+
+
+def test_unpaired_files_are_reported(tmp_path):
+    three_runs(tmp_path)
+    (tmp_path / "crashed.txt").write_text(FAKE_SOURCE + SEP + "\nstep:1/2\n")
+    (tmp_path / "orphan.json").write_text("{}")
+    warnings = []
+    sub = ss.summarize(tmp_path, reference_loss=1.92, warn=warnings.append)
+    assert sub["seeds"] == sorted(LOSSES)
+    assert any("crashed.txt" in w for w in warnings) and any("orphan.json" in w for w in warnings)
+
+
+def test_duplicate_seed_is_an_error(tmp_path):
+    three_runs(tmp_path)
+    write_run(tmp_path, "again", 42, 1.9, 1.12)
+    with pytest.raises(ss.RecordError, match="seed 42"):
+        ss.summarize(tmp_path, reference_loss=1.92)
+
+
+def test_cli_writes_both_files(tmp_path):
+    three_runs(tmp_path)
+    assert ss.main([str(tmp_path), "--reference-loss", "1.92", "--margin", "0.001", "--github-id", "gh",
+                    "--track", "track_10min_16mb"]) == 0
+    sub = json.loads((tmp_path / "submission.json").read_text())
+    assert (sub["github_id"], sub["track"], sub["t_test"]["margin"]) == ("gh", "track_10min_16mb", 0.001)
+
+
+# ---------------------------------------------------------------- record folders records/<track>/<name>/
+
+EXACT = re.compile(r"^\w+_exact val_loss:([-+\d.eE]+) val_bpb:([-+\d.eE]+)[ \t]*$", re.M)
+SEED = re.compile(r"^  SEED: (\d+)[ \t]*$", re.M)
+
+
+def record_folder_problems(folder: Path, root_code: bytes) -> list:
+    """What is wrong with one record folder holding a submission.json (empty list: nothing)."""
+    try:
+        sub = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return [f"{folder}/submission.json does not parse: {err}"]
+    problems = []
+    code = folder / "train_gpt.py"
+    if not code.is_file() or code.read_bytes() != root_code:
+        problems.append(f"{code} is missing or not byte-identical to the repository's train_gpt.py")
+    logged = {}  # seed -> (val_loss, val_bpb) of the last *_exact line of each log
+    for log in folder.glob("*.txt"):
+        body = log.read_text(encoding="utf-8").rsplit("\n" + SEP + "\n", 1)[-1]
+        seeds, exact = SEED.findall(body), EXACT.findall(body)
+        if seeds and exact:
+            logged.setdefault(int(seeds[-1]), []).append((float(exact[-1][0]), float(exact[-1][1]), log.name))
+    results = sub.get("seed_results", {})
+    if not results:
+        problems.append(f"{folder}: submission.json has no seed_results")
+    for seed, res in results.items():
+        if not any(abs(loss - res["val_loss"]) <= 1e-8 and abs(bpb - res["val_bpb"]) <= 1e-8
+                   for loss, bpb, _ in logged.get(int(seed), [])):
+            problems.append(f"{folder}: seed {seed} ({res['val_loss']}, {res['val_bpb']}) has no log whose last "
+                            f"*_exact line gives it; logs of that seed: {logged.get(int(seed), [])}")
+    if results and abs(sub.get("val_bpb", math.nan) - sum(r["val_bpb"] for r in results.values()) / len(results)) \
+            > 1e-8:
+        problems.append(f"{folder}: val_bpb {sub.get('val_bpb')} is not the mean of the seeds' val_bpb")
+    if sub.get("compliance", {}).get("artifact_under_16mb") and not sub.get("bytes_total", math.inf) <= SIZE_LIMIT:
+        problems.append(f"{folder}: bytes_total {sub.get('bytes_total')} > {SIZE_LIMIT} with artifact_under_16mb")
+    return problems
+
+
+def test_record_folder_check_on_a_synthetic_record(tmp_path):
+    root_code = (ROOT / "train_gpt.py").read_bytes()
+    folder = three_runs(tmp_path / "records" / "track_10min_16mb" / "2026-01-01_Test", source=root_code.decode())
+    shutil.copyfile(ROOT / "train_gpt.py", folder / "train_gpt.py")
+    warnings = []
+    sub = ss.summarize(folder, reference_loss=1.92, warn=warnings.append)
+    assert warnings == [] and sub["track"] == "track_10min_16mb" and sub["bytes_code"] == len(root_code)
+    assert record_folder_problems(folder, root_code) == []
+    sub = json.loads((folder / "submission.json").read_text())
+    sub["val_bpb"] += 1e-6
+    sub["seed_results"]["42"]["val_loss"] += 1e-6
+    sub["bytes_total"] = SIZE_LIMIT + 1
+    (folder / "submission.json").write_text(json.dumps(sub))
+    (folder / "train_gpt.py").write_bytes(root_code + b"\n")
+    problems = record_folder_problems(folder, root_code)
+    assert len(problems) == 4, problems
+
+
+def test_real_record_folders():
+    folders = sorted(p for p in ROOT.glob("records/*/*") if p.is_dir() and "__pycache__" not in p.parts)
+    if not folders:
+        pytest.skip("no record folders records/<track>/<name>/ yet")
+    with_submission = [f for f in folders if (f / "submission.json").is_file()]
+    assert with_submission, f"record folders without any submission.json: {[str(f) for f in folders]}"
+    root_code = (ROOT / "train_gpt.py").read_bytes()
+    problems = [p for f in with_submission for p in record_folder_problems(f, root_code)]
+    assert not problems, "\n".join(problems)
