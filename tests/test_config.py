@@ -1,0 +1,209 @@
+"""HYPERPARAMETERS: validation errors name the variable, defaults are the competition run, batch layout;
+and plan_windows (EVALUATION) scores every target exactly once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import train_gpt as tg
+from conftest import tiny_args, tiny_env
+
+
+def error_for(**env) -> str:
+    with pytest.raises(ValueError) as exc:
+        tg.Hyperparameters(env={k: str(v) for k, v in env.items()})
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("env,name", [
+    ({"NUM_LAYERS": "x"}, "NUM_LAYERS"),
+    ({"NUM_LAYERS": "3.0"}, "NUM_LAYERS"),
+    ({"MATRIX_LR": "fast"}, "MATRIX_LR"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR"),
+    ({"SCALAR_LR": "inf"}, "SCALAR_LR"),
+    ({"SSM_LAYERS": "0,a"}, "SSM_LAYERS"),
+])
+def test_non_numbers(env, name):
+    assert name in error_for(**env)
+
+
+@pytest.mark.parametrize("env,name", [
+    ({"VOCAB_SIZE": "1"}, "VOCAB_SIZE"),
+    ({"VOCAB_SIZE": "65537"}, "VOCAB_SIZE"),
+    ({"QUANT_BITS": "9"}, "QUANT_BITS"),
+    ({"QUANT_BITS": "1"}, "QUANT_BITS"),
+    ({"ITERATIONS": "0"}, "ITERATIONS"),
+    ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC"),
+    ({"MAX_WALLCLOCK_SECONDS": "-1"}, "MAX_WALLCLOCK_SECONDS"),
+    ({"MUON_MOMENTUM": "1.0"}, "MUON_MOMENTUM"),
+    ({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),
+])
+def test_out_of_range(env, name):
+    msg = error_for(**env)
+    assert name in msg and ("minimum" in msg or "maximum" in msg)
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "2", "", " 1"])
+def test_bool_must_be_0_or_1(value):
+    assert "SMEAR_GATE" in error_for(SMEAR_GATE=value)
+
+
+def test_bool_values():
+    assert tiny_args(SMEAR_GATE="0").smear_gate is False
+    assert tiny_args(SMEAR_GATE="1").smear_gate is True
+
+
+def test_bad_choice():
+    msg = error_for(SSM_MODE="foo")
+    assert "SSM_MODE" in msg and "replace" in msg and "parallel" in msg
+    assert "SSM_KERNEL" in error_for(SSM_KERNEL="fft")
+
+
+@pytest.mark.parametrize("layers", ["0,11", "-1", "11"])
+def test_ssm_layers_out_of_range(layers):
+    msg = error_for(SSM_LAYERS=layers)
+    assert "SSM_LAYERS" in msg and "NUM_LAYERS=11" in msg
+
+
+def test_ve_layers_out_of_range():
+    assert "VE_LAYERS" in error_for(**tiny_env(VE_LAYERS="4"))
+
+
+@pytest.mark.parametrize("name", ["SSM_LAYERS", "VE_LAYERS"])
+def test_duplicate_layer(name):
+    assert name in error_for(**{name: "2,2"}, SSM_MODE="parallel")
+
+
+def test_ve_layers_on_replaced_s4d_layer():
+    msg = error_for(SSM_LAYERS="0,1", VE_LAYERS="1,9")
+    assert "VE_LAYERS" in msg and "[1]" in msg
+    # in parallel mode the S4D layer keeps its attention, so value embeddings there are fine
+    assert tg.Hyperparameters(env={"SSM_LAYERS": "0,1", "VE_LAYERS": "1,9", "SSM_MODE": "parallel"}).ve_layers == (1, 9)
+
+
+def test_model_dim_not_divisible_by_heads():
+    msg = error_for(MODEL_DIM="100", NUM_HEADS="8")
+    assert "MODEL_DIM" in msg and "NUM_HEADS" in msg
+    assert "NUM_KV_HEADS" in error_for(NUM_HEADS="8", NUM_KV_HEADS="3")
+
+
+def test_rope_dims_checked():
+    assert "ROPE_DIMS" in error_for(ROPE_DIMS="7")
+    assert "ROPE_DIMS" in error_for(MODEL_DIM="128", NUM_HEADS="8", ROPE_DIMS="32")  # head dim 16
+
+
+def test_s4d_state_dim_must_be_even():
+    assert "SSM_STATE_DIM" in error_for(SSM_KERNEL="s4d", SSM_STATE_DIM="7")
+    assert tg.Hyperparameters(env={"SSM_KERNEL": "fir", "SSM_STATE_DIM": "7"}).ssm_state_dim == 7
+
+
+def test_unknown_variable_with_owned_prefix():
+    msg = error_for(SSM_LAYER="0")
+    assert "SSM_LAYER" in msg and "did you mean SSM_LAYERS" in msg
+    assert "EVAL_STRIDES" in error_for(EVAL_STRIDES="64")
+    msg = error_for(QUANT_TOTALLY_NEW="1")
+    assert "QUANT_TOTALLY_NEW" in msg
+    # variables outside the owned families are none of the script's business
+    tg.Hyperparameters(env={"HOME": "/root", "TRAINING_NOTES": "x", "CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_eval_stride_above_seq_len():
+    msg = error_for(EVAL_SEQ_LEN="128", EVAL_STRIDE="129")
+    assert "EVAL_STRIDE" in msg and "EVAL_SEQ_LEN" in msg
+    assert tg.Hyperparameters(env={"EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "128"}).eval_stride == 128
+
+
+def test_gptq_reserve_must_be_below_wallclock():
+    for reserve in ("600", "700"):
+        assert "GPTQ_RESERVE_SECONDS" in error_for(MAX_WALLCLOCK_SECONDS="600", GPTQ_RESERVE_SECONDS=reserve)
+    tg.Hyperparameters(env={"MAX_WALLCLOCK_SECONDS": "600", "GPTQ_RESERVE_SECONDS": "599"})
+    # no cap: no reserve to check
+    tg.Hyperparameters(env={"MAX_WALLCLOCK_SECONDS": "0", "GPTQ_RESERVE_SECONDS": "700"})
+
+
+def test_defaults_are_the_competition_configuration():
+    a = tg.Hyperparameters(env={})
+    assert a.num_layers == 11 and a.model_dim == 512
+    assert a.ssm_layers == (0, 1) and a.ssm_mode == "replace"
+    assert a.train_batch_tokens == 786_432 and a.train_seq_len == 2048
+    assert a.max_wallclock_seconds == 600 and a.quant_bits == 5 and a.eval_stride == 64
+    assert a.vocab_size == 1024 and a.eval_seq_len == 2048 and a.val_max_tokens == 0
+    assert a.values["NUM_LAYERS"] == 11 and a.values["SSM_LAYERS"] == (0, 1)
+    # fractions of the run, not step counts
+    assert 0 < a.warmdown_frac <= 1 and 0 < a.muon_momentum_warmup_frac <= 1
+
+
+def test_environment_beats_defaults_and_demo_defaults_are_valid():
+    demo = tg.Hyperparameters(env={}, defaults=tg.DEMO_DEFAULTS)
+    assert demo.model_dim == 128 and demo.vocab_size == 512
+    assert tg.Hyperparameters(env={"MODEL_DIM": "64"}, defaults=tg.DEMO_DEFAULTS).model_dim == 64
+    grad_accum, seqs = demo.batch_layout(1)
+    assert grad_accum * seqs * demo.train_seq_len == demo.train_batch_tokens
+
+
+def test_values_record_every_knob():
+    a = tiny_args(SSM_MODE="parallel")
+    assert a.values["SSM_MODE"] == "parallel" and a.values["MODEL_DIM"] == 64
+    assert all(name.isupper() for name in a.values)
+    assert set(tg.ARTIFACT_KEYS) <= set(a.values)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_batch_layout_keeps_global_batch(world):
+    a = tg.Hyperparameters(env={})
+    grad_accum, seqs = a.batch_layout(world)
+    assert grad_accum == 8 // world
+    assert world * grad_accum * seqs * a.train_seq_len == a.train_batch_tokens
+    assert seqs == 48
+
+
+@pytest.mark.parametrize("world", [3, 0, 5, 16])
+def test_batch_layout_bad_world_size(world):
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        tg.Hyperparameters(env={}).batch_layout(world)
+
+
+@pytest.mark.parametrize("world", [1, 2, 8])
+def test_batch_layout_indivisible_batch(world):
+    # a global batch must split into 8 micro-batches of whole TRAIN_SEQ_LEN sequences on any world size
+    for tokens in (786_432 + 2048, 1000, 8 * 2048 - 1):
+        with pytest.raises(ValueError, match="TRAIN_BATCH_TOKENS"):
+            tg.Hyperparameters(env={"TRAIN_BATCH_TOKENS": str(tokens)}).batch_layout(world)
+    assert tg.Hyperparameters(env={"TRAIN_BATCH_TOKENS": str(8 * 2048)}).batch_layout(world) == (8 // world, 1)
+
+
+# ---------------------------------------------------------------- plan_windows
+
+
+CASES = [(100, 16, 16), (100, 16, 5), (100, 16, 1), (16, 16, 4), (17, 16, 16), (17, 16, 3), (1000, 64, 64),
+         (1000, 64, 32), (999, 64, 7), (33, 32, 32), (2047, 128, 128), (2049, 128, 64)]
+
+
+@pytest.mark.parametrize("num_targets,seq_len,stride", CASES)
+def test_plan_windows_scores_every_target_once(num_targets, seq_len, stride):
+    starts, firsts = tg.plan_windows(num_targets, seq_len, stride)
+    assert starts.dtype == firsts.dtype == np.int64 and len(starts) == len(firsts)
+    hits = np.zeros(num_targets, dtype=np.int64)
+    for start, first in zip(starts.tolist(), firsts.tolist()):
+        assert 0 <= start and start + seq_len <= num_targets  # every window is full and inside the stream
+        assert 0 <= first < seq_len
+        hits[start + first:start + seq_len] += 1
+    assert (hits == 1).all()
+    assert starts[0] == 0 and firsts[0] == 0
+    # after the first window each scored target has at least seq_len - stride tokens of context
+    assert (firsts[1:] >= seq_len - stride).all()
+    assert (np.diff(starts) > 0).all()
+
+
+def test_plan_windows_non_overlapping_when_stride_is_seq_len():
+    starts, firsts = tg.plan_windows(64, 16, 16)
+    assert starts.tolist() == [0, 16, 32, 48] and firsts.tolist() == [0, 0, 0, 0]
+    starts, firsts = tg.plan_windows(70, 16, 16)  # the last window slides back and scores only the new 6
+    assert starts.tolist() == [0, 16, 32, 48, 54] and firsts.tolist() == [0, 0, 0, 0, 10]
+
+
+@pytest.mark.parametrize("stride", [0, -4, 33])
+def test_plan_windows_rejects_a_stride_outside_the_window(stride):
+    with pytest.raises(ValueError, match="stride"):
+        tg.plan_windows(100, 32, stride)
