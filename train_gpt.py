@@ -1419,6 +1419,8 @@ def main() -> None:
             if bool(reached.item()):
                 stop_after_step = step
         if step <= 10 or step % args.train_log_every == 0 or step in (args.iterations, stop_after_step):
+            if distributed:  # the global batch's mean, so logs of 1 and 8 GPUs compare line by line
+                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
             log0(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
                  f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
     sync()

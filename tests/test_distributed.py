@@ -1,0 +1,46 @@
+"""Several processes (torchrun, gloo on CPU) train the same model as one: same global batch, same loss curve.
+
+Rank r of W takes slice r of each global micro-batch span, and gradient accumulation keeps the global batch
+fixed, so 1 and 2 processes average the gradients of the same sequences. The logged train_loss is the global
+mean, so the two logs agree line by line; evaluation and calibration all-reduce their sums."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from test_end_to_end import RUN_ENV, clean_env, data_env, new_workdir
+
+STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([0-9.]+) ", re.M)
+EXACT = re.compile(r"^(final_int5_\w+_exact) val_loss:([0-9.]+) val_bpb:([0-9.]+)$", re.M)
+PRE = re.compile(r"^pre_export val_loss:([0-9.]+) ", re.M)
+
+
+def body(log: str) -> str:
+    return log.split("=" * 100, 1)[1]  # drop the archived source at the top
+
+
+def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path_factory, demo_data_dir):
+    env = dict(RUN_ENV, ITERATIONS="8", WARMUP_STEPS="0", TRAIN_BATCH_TOKENS="4096", TRAIN_LOG_EVERY="1",
+               **data_env(demo_data_dir))
+    logs = {}
+    for nproc in (1, 2):
+        workdir = new_workdir(tmp_path_factory, f"dist{nproc}")
+        cmd = [sys.executable, "train_gpt.py"] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_gpt.py"]
+        proc = subprocess.run(cmd, cwd=workdir, env=clean_env(**dict(env, RUN_ID=f"n{nproc}", OMP_NUM_THREADS="1")),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[nproc] = body((workdir / "logs" / f"n{nproc}.txt").read_text())
+    assert "world_size:2 grad_accum_steps:4" in logs[2] and "world_size:1 grad_accum_steps:8" in logs[1]
+    curves = {n: [(int(s), float(v)) for s, v in STEP.findall(log)] for n, log in logs.items()}
+    assert [s for s, _ in curves[1]] == list(range(1, 9)) == [s for s, _ in curves[2]]
+    for (_, one), (_, two) in zip(curves[1], curves[2]):
+        assert abs(one - two) < 2e-3, (curves[1], curves[2])
+    assert curves[1][-1][1] < curves[1][0][1] - 1.0  # it learned, so equal curves mean something
+    assert abs(float(PRE.search(logs[1]).group(1)) - float(PRE.search(logs[2]).group(1))) < 2e-3
+    finals = {n: {tag: float(loss) for tag, loss, _ in EXACT.findall(log)} for n, log in logs.items()}
+    assert set(finals[1]) == set(finals[2]) == {"final_int5_roundtrip_exact", "final_int5_sliding_window_exact"}
+    for tag in finals[1]:
+        assert abs(finals[1][tag] - finals[2][tag]) < 5e-3, (tag, finals)
