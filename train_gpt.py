@@ -52,7 +52,8 @@ DEMO_DIR = "./demo_data"
 OWNED_PREFIXES = (
     "TRAIN_", "VAL_", "EVAL_", "SSM_", "XSA_", "GPTQ_", "MUON_", "EMA_", "ADAM_", "BIGRAM_", "VE_", "QUANT_",
     "ROPE_", "QK_", "WARMDOWN_", "WARMUP_", "MLP_", "MODEL_", "TIED_", "MATRIX_", "SCALAR_", "LOGIT_",
-    "SMEAR_", "EMBED_",
+    "SMEAR_", "EMBED_", "NUM_LAYER", "NUM_HEAD", "NUM_KV", "MAX_WALLCLOCK", "MIN_LR", "GRAD_CLIP", "BETA",
+    "ITERATION", "SEED", "VOCAB", "ARTIFACT", "TOKENIZER", "DATA_PATH",
 )
 
 # The no-GPU, no-data demo: a model small enough to train, export and evaluate on two CPU cores in about a
@@ -690,7 +691,7 @@ class GPT(nn.Module):
         self.smear = SmearGate(dim, bos_id) if args.smear_gate else None
         ssm_layers = set(args.ssm_layers)
         attention_layers = [i for i in range(n) if i not in ssm_layers or args.ssm_mode == "parallel"]
-        xsa_layers = set(attention_layers[len(attention_layers) - args.xsa_last_n:]) if args.xsa_last_n else set()
+        xsa_layers = set(attention_layers[max(0, len(attention_layers) - args.xsa_last_n):])
         self.blocks = nn.ModuleList(
             Block(i, dim, args, use_attention=i in attention_layers, use_ssm=i in ssm_layers,
                   use_xsa=i in xsa_layers, max_len=max_len) for i in range(n))
@@ -902,7 +903,7 @@ class ExponentialMovingAverage:
 # blocks: per-row round-to-nearest at EMBED_QUANT_BITS. Everything else (gains, gates, S4D kernels) stays fp32.
 # Values are stored one per int8 byte with fp16 scales; lzma then codes the small alphabet.
 
-ARTIFACT_FORMAT = "s4d_xsa_gptq_v1"
+ARTIFACT_FORMAT = "s4d_xsa_gptq_v2"
 # Knobs an artifact fixes: evaluating it rebuilds the model from these, whatever the environment says.
 ARTIFACT_KEYS = ("QUANT_BITS", "VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
               "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
@@ -1132,10 +1133,10 @@ def evaluate(token_losses, val: dict, seq_len: int, stride: int, batch_seqs: int
         x, y = tokens[pos], tokens[pos + 1]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
             losses = token_losses(x, y)
-        mask = offsets[None, :] >= f[:, None]
-        sums[0] += losses.double()[mask].sum()
+        mask = offsets[None, :] >= f[:, None]  # multiplied, not indexed: boolean indexing would sync the host
+        sums[0] += (losses.double() * mask).sum()
         sums[1] += mask.sum()
-        sums[2] += target_bytes[pos][mask].sum()
+        sums[2] += (target_bytes[pos] * mask).sum()
     if world_size > 1:
         dist.all_reduce(sums)
     loss_sum, count, byte_count = sums.tolist()
@@ -1317,8 +1318,10 @@ def main() -> None:
     token_losses = torch.compile(base_model.token_losses, dynamic=False, fullgraph=True) if compile_on \
         else base_model.token_losses
     attention_kind = "flash_attn_3" if fa3_attention is not None and use_cuda else "sdpa"
+    xsa_layers = [i for i, b in enumerate(base_model.blocks) if b.attn is not None and b.attn.use_xsa]
     log0(f"model_params:{sum(p.numel() for p in base_model.parameters())} attention:{attention_kind} "
-         f"ssm_layers:{env_string(args.ssm_layers) or 'none'} ssm_mode:{args.ssm_mode} ssm_kernel:{args.ssm_kernel}")
+         f"ssm_layers:{env_string(args.ssm_layers) or 'none'} ssm_mode:{args.ssm_mode} ssm_kernel:{args.ssm_kernel} "
+         f"xsa_layers:{env_string(tuple(xsa_layers)) or 'none'}")
     log0(f"world_size:{world_size} grad_accum_steps:{grad_accum} micro_batch_seqs:{micro_seqs} compile:{compile_on}")
     log0(f"legality: calibration on training shards inside the training wall clock (GPTQ_RESERVE_SECONDS="
          f"{args.gptq_reserve_seconds:g}); no validation tokens in training or calibration; no test-time "
@@ -1388,7 +1391,7 @@ def main() -> None:
     # MAX_WALLCLOCK_SECONDS budget are kept for calibration, which also reads training data.
     budget_ms = 1000 * (args.max_wallclock_seconds - args.gptq_reserve_seconds) if args.max_wallclock_seconds else 0
     ema = ExponentialMovingAverage(base_model, args.ema_horizon_frac) if args.ema_enabled else None
-    training_ms, step, stop_after_step = 0.0, 0, None
+    training_ms, elapsed_ms, step, stop_after_step = 0.0, 0.0, 0, None
     sync()
     log0(f"time_to_first_step:{time.perf_counter() - launch:.1f}s (setup, compile and warm-up)")
     t0 = time.perf_counter()
@@ -1405,19 +1408,18 @@ def main() -> None:
             t0 = time.perf_counter()
         if last_step:
             break
-        elapsed_ms = training_ms + 1000 * (time.perf_counter() - t0)
         progress = max(step / args.iterations, elapsed_ms / budget_ms if budget_ms else 0.0)
         train_loss = train_step(min(progress, 1.0))
         step += 1
         if ema is not None:
             ema.update(step, max(progress, 1e-9))
         elapsed_ms = training_ms + 1000 * (time.perf_counter() - t0)
-        if budget_ms and stop_after_step is None:
-            reached = torch.tensor(int(elapsed_ms >= budget_ms), device=device)
-            if distributed:
-                dist.all_reduce(reached, op=dist.ReduceOp.MAX)
-            if bool(reached.item()):
-                stop_after_step = step
+        if budget_ms and distributed:  # every rank must follow the same schedule, or the replicas drift apart
+            shared = torch.tensor(elapsed_ms, device=device, dtype=torch.float64)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            elapsed_ms = shared.item()
+        if budget_ms and stop_after_step is None and elapsed_ms >= budget_ms:
+            stop_after_step = step
         if step <= 10 or step % args.train_log_every == 0 or step in (args.iterations, stop_after_step):
             if distributed:  # the global batch's mean, so logs of 1 and 8 GPUs compare line by line
                 dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
@@ -1438,6 +1440,13 @@ def main() -> None:
     # The exported weights are the EMA's. Calibration runs on them, on the next unseen training tokens.
     if ema is not None:
         ema.copy_to_model()
+    if distributed:  # every replica must hold the same weights; a drift would mean rank 0 exports an outlier
+        sums = torch.stack([p.detach().double().sum() for p in base_model.parameters()])
+        low, high = sums.clone(), sums.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        in_sync = bool(torch.equal(low, high))
+        log0(f"replicas_in_sync:{in_sync}" + ("" if in_sync else " WARNING: the ranks' weights differ"))
     t_cal = time.perf_counter()
     calib_per_rank = -(-args.gptq_calib_seqs // world_size)
     calib_batches = []
@@ -1470,12 +1479,29 @@ def main() -> None:
          f"eval_time:{1000 * (time.perf_counter() - t_eval):.0f}ms")
     facts.update(pre_quant_val_loss=pre_loss, pre_quant_val_bpb=pre_bpb)
 
-    # EXPORT: rank 0 quantizes, compresses and writes the artifact; every rank then reads it back.
+    # EXPORT: rank 0 quantizes, compresses and writes the artifact; every rank then reads it back. A failure on
+    # rank 0 is shared at once, so the other ranks stop too instead of waiting at a barrier.
+    export_ok = torch.ones((), device=device)
+    export_error = None
     if master:
-        t_export = time.perf_counter()
-        blob = serialize_artifact(quantize_model(base_model, hessians, args))
-        Path(args.artifact_path).write_bytes(blob)
-        export_s = time.perf_counter() - t_export
+        try:
+            t_export = time.perf_counter()
+            blob = serialize_artifact(quantize_model(base_model, hessians, args))
+            Path(args.artifact_path).write_bytes(blob)
+            export_s = time.perf_counter() - t_export
+        except Exception as e:
+            export_ok.zero_()
+            export_error = e
+            log0(f"ERROR: export failed: {type(e).__name__}: {e}")
+    if distributed:
+        dist.all_reduce(export_ok, op=dist.ReduceOp.MIN)
+    if not bool(export_ok.item()):
+        if distributed:
+            dist.destroy_process_group()
+        if export_error is not None:
+            raise export_error
+        raise SystemExit("export failed on rank 0")
+    if master:
         sizes = submission_bytes(code_bytes, blob)
         log0(f"Serialized model int{args.quant_bits}+lzma: {sizes['bytes_model']} bytes ({args.artifact_path})")
         log0(f"Code size: {sizes['bytes_code']} bytes")
@@ -1486,8 +1512,6 @@ def main() -> None:
                  f"this run is NOT a valid submission")
         facts.update(status="exported", export_seconds=export_s, **sizes)
         write_facts()
-    if distributed:
-        dist.barrier()
 
     blob = Path(args.artifact_path).read_bytes()
     results = evaluate_artifact(blob, base_model, token_losses, val, args, rank, world_size, device, use_cuda, log0)

@@ -104,8 +104,15 @@ def test_unknown_variable_with_owned_prefix():
     assert "EVAL_STRIDES" in error_for(EVAL_STRIDES="64")
     msg = error_for(QUANT_TOTALLY_NEW="1")
     assert "QUANT_TOTALLY_NEW" in msg
+    # typos of the baseline-named knobs are caught too: MAX_WALLCLOCK_SECOND=150 must not run for 600 s
+    for typo, meant in (("MAX_WALLCLOCK_SECOND", "MAX_WALLCLOCK_SECONDS"), ("NUM_LAYER", "NUM_LAYERS"),
+                        ("ITERATION", "ITERATIONS"), ("SEEDS", "SEED"), ("GRAD_CLIP", "GRAD_CLIP_NORM"),
+                        ("MIN_LR", "MIN_LR_FRAC"), ("VOCAB", "VOCAB_SIZE"), ("DATA_PATHS", "DATA_PATH")):
+        msg = error_for(**{typo: "1"})
+        assert typo in msg and f"did you mean {meant}" in msg, msg
     # variables outside the owned families are none of the script's business
-    tg.Hyperparameters(env={"HOME": "/root", "TRAINING_NOTES": "x", "CUDA_VISIBLE_DEVICES": ""})
+    tg.Hyperparameters(env={"HOME": "/root", "TRAINING_NOTES": "x", "CUDA_VISIBLE_DEVICES": "", "MAX_JOBS": "4",
+                            "NUM_THREADS": "2", "DATA_DIR": "/data", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
 
 
 def test_eval_stride_above_seq_len():

@@ -44,3 +44,32 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path_factory, demo_
     assert set(finals[1]) == set(finals[2]) == {"final_int5_roundtrip_exact", "final_int5_sliding_window_exact"}
     for tag in finals[1]:
         assert abs(finals[1][tag] - finals[2][tag]) < 5e-3, (tag, finals)
+
+
+def test_wall_clock_schedule_keeps_replicas_identical(tmp_path_factory, demo_data_dir):
+    """With a wall-clock budget the LR, momentum and EMA follow elapsed time. Ranks share one clock (the slowest
+    rank's), so their weights stay identical; the script checks this and logs it."""
+    env = dict(RUN_ENV, ITERATIONS="10000", MAX_WALLCLOCK_SECONDS="6", GPTQ_RESERVE_SECONDS="1", WARMUP_STEPS="0",
+               TRAIN_BATCH_TOKENS="4096", RUN_ID="clock", OMP_NUM_THREADS="1", **data_env(demo_data_dir))
+    workdir = new_workdir(tmp_path_factory, "clock")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_gpt.py"], cwd=workdir, env=clean_env(**env), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = body((workdir / "logs" / "clock.txt").read_text())
+    assert "stopping_early: wallclock_cap" in log
+    assert "replicas_in_sync:True" in log
+
+
+def test_an_export_failure_on_rank_0_stops_every_rank(tmp_path_factory, demo_data_dir):
+    env = dict(RUN_ENV, ITERATIONS="2", WARMUP_STEPS="0", TRAIN_BATCH_TOKENS="4096", RUN_ID="fail",
+               OMP_NUM_THREADS="1", ARTIFACT_PATH="/nonexistent_dir/model.ptz", **data_env(demo_data_dir))
+    workdir = new_workdir(tmp_path_factory, "fail")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_gpt.py"], cwd=workdir, env=clean_env(**env), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    log = body((workdir / "logs" / "fail.txt").read_text())
+    assert "ERROR: export failed" in log and "nonexistent_dir" in log
+    facts = (workdir / "logs" / "fail.json")
+    assert not facts.exists() or '"status": "exported"' not in facts.read_text()

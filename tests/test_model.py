@@ -321,6 +321,14 @@ def test_xsa_goes_to_last_attention_layers():
     assert [b.attn.use_xsa for b in model.blocks] == [False, False, False, True]
 
 
+@pytest.mark.parametrize("n", [3, 4, 11])
+def test_xsa_last_n_beyond_the_attention_layers_means_all_of_them(n):
+    """The default XSA_LAST_N (11) with S4D in layers 0,1 leaves fewer attention layers than N: all get XSA."""
+    model = tg.GPT(tiny_args(XSA_LAST_N=n))  # attention layers 2, 3
+    assert [b.attn.use_xsa for b in model.blocks[2:]] == [True, True]
+    assert not any(b.attn.use_xsa for b in tg.GPT(tiny_args(XSA_LAST_N=0)).blocks if b.attn is not None)
+
+
 # ---------------------------------------------------------------- initialisation
 
 
