@@ -1,12 +1,17 @@
 #!/bin/bash
 # Proxy measurements on a GPU machine (protocols in the README): source this file, then call
-#   setup_data                      unpack the carried enwiki shards into /tmp/enwiki
+#   setup_data                      unpack the enwiki shards in .data/ (xz) into /tmp/enwiki
 #   s786 GPU RUN_ID [VAR=VALUE...]  throughput at the competition shape (40 steps, 786,432 tokens/step)
 #   p150 GPU RUN_ID [VAR=VALUE...]  quality at 150 s of training on one GPU (131,072 tokens/step)
 # Each run writes logs/RUN_ID.txt and logs/RUN_ID.json; VAR=VALUE pairs select the variant.
 export PYTHONUNBUFFERED=1 DATA_PATH=/tmp/enwiki TOKENIZER_PATH=/tmp/enwiki/fineweb_1024_bpe.model
 
-setup_data() { bash .data/unpack_data.sh .data /tmp/enwiki > /dev/null; }
+setup_data() {  # .data/ holds fineweb_{train,val}_*.bin.xz shards and fineweb_1024_bpe.model
+    mkdir -p /tmp/enwiki
+    for f in .data/*.bin.xz; do xz -dc "$f" > "/tmp/enwiki/$(basename "$f" .xz)" & done
+    wait
+    cp .data/*.model /tmp/enwiki/
+}
 
 s786() {
     local gpu=$1 run_id=$2; shift 2
