@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import lzma
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +167,18 @@ def test_evaluate_scores_every_target_once(num_targets, seq_len, stride, batch):
     expected_loss = (num_targets + 1) / 2  # mean of 1..N
     assert loss == pytest.approx(expected_loss, rel=1e-12)
     assert bpb == pytest.approx(expected_loss / math.log(2) * num_targets / int(target_bytes.sum()), rel=1e-12)
+
+
+def test_official_tokenizer_bytes_of_the_enwiki_val_shard(tmp_path):
+    """The official sp1024 tokenizer on the enwiki validation shard: the data's own documentation gives
+    3,884,048 tokens and 9,755,837 bytes by the official rule. Our tables must reproduce the byte count."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    shard_xz = shared / "enwiki2015_sp1024" / "fineweb_val_000000.bin.xz"
+    model = shared / "tokenizers" / "fineweb_1024_bpe.model"
+    if not (shard_xz.is_file() and model.is_file()):
+        pytest.skip("the enwiki shards and the official tokenizer are not beside this checkout")
+    (tmp_path / "fineweb_val_000000.bin").write_bytes(lzma.decompress(shard_xz.read_bytes()))
+    tokens = tg.load_validation_tokens(str(tmp_path))
+    luts = tg.build_sentencepiece_luts(tg.load_tokenizer(str(model), 1024))
+    assert tokens.size == 3_884_048
+    assert int(tg.target_byte_counts(tokens, luts).sum()) == 9_755_837
