@@ -888,7 +888,7 @@ class ExponentialMovingAverage:
 
     @torch.no_grad()
     def update(self, step: int, progress: float) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay(step, progress))
+        torch._foreach_lerp_(self.shadow, self.params, 1.0 - self.decay(step, progress))
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
@@ -1207,11 +1207,11 @@ def make_demo_data(directory: str, vocab_size: int = 512) -> None:
 # -----------------------------
 
 
-def evaluate_artifact(blob: bytes, model: GPT, token_losses, val: dict, args: Hyperparameters, rank: int,
+def evaluate_artifact(artifact: dict, model: GPT, token_losses, val: dict, args: Hyperparameters, rank: int,
                       world_size: int, device: torch.device, use_cuda: bool, log0) -> dict:
-    """Load the decompressed, dequantized artifact over every tensor of `model`, then score the whole validation
+    """Dequantize the decoded artifact over every tensor of `model`, then score the whole validation
     stream: non-overlapping windows, then sliding windows (the headline). Every target is scored once."""
-    model.load_state_dict(dequantize_state(deserialize_artifact(blob)), strict=True)
+    model.load_state_dict(dequantize_state(artifact), strict=True)
     results = {}
     passes = [("roundtrip", args.eval_seq_len)] + ([("sliding_window", args.eval_stride)] if args.eval_stride else [])
     for label, stride in passes:
@@ -1245,8 +1245,9 @@ def main() -> None:
     eval_only = bool(args.eval_artifact)
     if eval_only:  # the artifact fixes the model's shape; the environment still sets data and evaluation
         artifact_blob = Path(args.eval_artifact).read_bytes()
+        artifact = deserialize_artifact(artifact_blob, args.eval_artifact)  # decoded once, used twice
         env = dict(os.environ)
-        env.update(deserialize_artifact(artifact_blob, args.eval_artifact)["config"])
+        env.update(artifact["config"])
         args = Hyperparameters(env=env, defaults=DEMO_DEFAULTS if demo else None)
     grad_accum, micro_seqs = args.batch_layout(world_size)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -1328,7 +1329,7 @@ def main() -> None:
          f"adaptation; every validation target scored exactly once, causally")
 
     if eval_only:
-        results = evaluate_artifact(artifact_blob, base_model, token_losses, val, args, rank, world_size, device,
+        results = evaluate_artifact(artifact, base_model, token_losses, val, args, rank, world_size, device,
                                     use_cuda, log0)
         facts.update(status="evaluated", artifact=args.eval_artifact, results=results,
                      **submission_bytes(code_bytes, artifact_blob))
@@ -1514,7 +1515,8 @@ def main() -> None:
         write_facts()
 
     blob = Path(args.artifact_path).read_bytes()
-    results = evaluate_artifact(blob, base_model, token_losses, val, args, rank, world_size, device, use_cuda, log0)
+    results = evaluate_artifact(deserialize_artifact(blob, args.artifact_path), base_model, token_losses, val, args,
+                                rank, world_size, device, use_cuda, log0)
     headline = results.get("sliding_window", results["roundtrip"])
     eval_seconds = sum(r["eval_seconds"] for r in results.values())
     sizes = submission_bytes(code_bytes, blob)
