@@ -805,17 +805,21 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then an orthogonalised update. Matrices of one shape form one group and are
-    orthogonalised in one batched call. Gradients arrive averaged over ranks, so every rank computes the same
-    update and no further communication is needed."""
+    """Nesterov momentum, then an orthogonalised update. Matrices of one shape form one group. Gradients arrive
+    averaged over ranks, so every rank holds the same momentum; each rank orthogonalises only its share of a
+    group's matrices (one batched call) and an all-gather assembles the update. That divides the Newton-Schulz
+    work by the world size, and every rank applies bit-identical updates, so the replicas cannot drift even
+    where the GPU's matmuls are not bitwise reproducible."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize=None):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize=None,
+                 rank: int = 0, world_size: int = 1):
         by_shape: dict[tuple[int, ...], list[Tensor]] = {}
         for p in params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
         super().__init__([{"params": ps} for ps in by_shape.values()],
                          dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
         self.orthogonalize = orthogonalize or zeropower_via_newtonschulz5
+        self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
     def step(self) -> None:
@@ -827,7 +831,16 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(grads)
             buf = state["momentum_buffer"]
             buf.lerp_(grads, 1 - group["momentum"])
-            update = self.orthogonalize(grads.lerp_(buf, group["momentum"]), group["backend_steps"])
+            nesterov = grads.lerp_(buf, group["momentum"])
+            if self.world_size > 1:
+                share = -(-len(params) // self.world_size)  # zero matrices pad the last shares (NS maps 0 to 0)
+                padded = F.pad(nesterov, (0, 0, 0, 0, 0, share * self.world_size - len(params)))
+                mine = self.orthogonalize(padded[self.rank * share:(self.rank + 1) * share], group["backend_steps"])
+                update = torch.empty((share * self.world_size, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
+                dist.all_gather_into_tensor(update, mine.contiguous())
+                update = update[:len(params)]
+            else:
+                update = self.orthogonalize(nesterov, group["backend_steps"])
             update = update * max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, [u.to(params[0].dtype) for u in update.unbind(0)], alpha=-group["lr"])
@@ -843,12 +856,14 @@ def split_parameters(model: GPT) -> tuple[list[Tensor], list[Tensor], list[Tenso
     return matrices, embeddings, scalars
 
 
-def build_optimizers(model: GPT, args: Hyperparameters, orthogonalize=None) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, args: Hyperparameters, orthogonalize=None, rank: int = 0,
+                     world_size: int = 1) -> list[torch.optim.Optimizer]:
     matrices, embeddings, scalars = split_parameters(model)
     fused = next(model.parameters()).is_cuda
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
     optimizers = [
-        Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_wd, orthogonalize),
+        Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_wd, orthogonalize,
+             rank, world_size),
         torch.optim.AdamW(embeddings, lr=args.tied_embed_lr, weight_decay=args.adam_wd, **adam),
         torch.optim.AdamW(scalars, lr=args.scalar_lr, weight_decay=0.0, **adam),
     ]
@@ -1344,7 +1359,7 @@ def main() -> None:
     model = DDP(compiled, device_ids=[local_rank] if use_cuda else None, broadcast_buffers=False) \
         if distributed else compiled
     orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_on else None
-    optimizers = build_optimizers(base_model, args, orthogonalize)
+    optimizers = build_optimizers(base_model, args, orthogonalize, rank, world_size)
     loader = DistributedTokenLoader(train_files, args.vocab_size, rank, world_size, device)
 
     def sync() -> None:
@@ -1447,7 +1462,9 @@ def main() -> None:
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         in_sync = bool(torch.equal(low, high))
-        log0(f"replicas_in_sync:{in_sync}" + ("" if in_sync else " WARNING: the ranks' weights differ"))
+        spread = ((high - low).abs() / high.abs().clamp_min(1e-30)).max().item()
+        log0(f"replicas_in_sync:{in_sync} max_relative_spread:{spread:.3g}"
+             + ("" if in_sync else " WARNING: the ranks' weights differ"))
     t_cal = time.perf_counter()
     calib_per_rank = -(-args.gptq_calib_seqs // world_size)
     calib_batches = []

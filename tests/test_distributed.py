@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+from conftest import REPO_ROOT
 from test_end_to_end import RUN_ENV, clean_env, data_env, new_workdir
 
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([0-9.]+) ", re.M)
@@ -73,3 +74,54 @@ def test_an_export_failure_on_rank_0_stops_every_rank(tmp_path_factory, demo_dat
     assert "ERROR: export failed" in log and "nonexistent_dir" in log
     facts = (workdir / "logs" / "fail.json")
     assert not facts.exists() or '"status": "exported"' not in facts.read_text()
+
+
+SHARDED_MUON = r'''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import train_gpt as tg
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+shapes = [(8, 4)] * 5 + [(4, 8)] * 2 + [(6, 6)]  # 5 matrices: shares of 3 and 2 (one zero pad); 1 matrix: one pad
+
+
+def run(rank, world):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    seen = []
+
+    def orthogonalize(g, steps):
+        seen.append(g.size(0))
+        return tg.zeropower_via_newtonschulz5(g, steps)
+
+    muon = tg.Muon(params, lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.01, orthogonalize=orthogonalize,
+                   rank=rank, world_size=world)
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)  # the same (all-reduced) gradient on every rank
+        muon.step()
+    return params, seen
+
+
+sharded, seen = run(rank, world)
+reference, seen_alone = run(0, 1)
+assert seen == [3, 1, 1] * 3, seen  # this rank's share of each group, not the whole group
+assert seen_alone == [5, 2, 1] * 3, seen_alone
+for a, b in zip(sharded, reference):
+    assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+print(f"rank {rank}: sharded update matches the single-process update")
+dist.destroy_process_group()
+'''
+
+
+def test_muon_orthogonalises_each_rank_share_and_matches_one_process(tmp_path):
+    """Each rank runs Newton-Schulz on its share of every shape group only, and the all-gathered update equals
+    the one a single process computes for the whole group."""
+    script = tmp_path / "sharded_muon.py"
+    script.write_text(SHARDED_MUON)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(REPO_ROOT)], env=clean_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("sharded update matches") == 2
