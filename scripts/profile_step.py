@@ -5,17 +5,22 @@
 
 Prints (1) CUDA-event timings of the step's phases and (2) the profiler's kernels, grouped into attention,
 matmul, fused elementwise (Triton), optimizer and other, with the top kernels by GPU time. Random tokens:
-the step's cost does not depend on the text."""
+the step's cost does not depend on the text. KERNEL_NAMES=torch names each Triton kernel after the model code
+it fuses (module paths such as blocks_9_attn), to find which layer a slow kernel belongs to."""
 import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as tg  # noqa: E402
 
+kernel_names = os.environ.pop("KERNEL_NAMES", "")
+if kernel_names:
+    torch._inductor.config.triton.descriptive_names = kernel_names
 env = {"TRAIN_BATCH_TOKENS": "786432", "TRAIN_SEQ_LEN": "2048", **os.environ}
 args = tg.Hyperparameters(env=env)
 grad_accum, micro_seqs = args.batch_layout(1)
@@ -96,3 +101,6 @@ for cat, us in sorted(by_cat.items(), key=lambda kv: -kv[1]):
 print("top kernels (self GPU time, one step):")
 for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:45]:
     print(f"  {e.self_device_time_total / 1000:8.2f} ms  x{e.count:<5d} {category(e.key):14s} {e.key[:110]}")
+print("full names of the ten slowest per call:")
+for e in sorted(kernels, key=lambda e: -e.self_device_time_total / e.count)[:10]:
+    print(f"  {e.self_device_time_total / e.count / 1000:8.3f} ms/call  {e.key}")
