@@ -807,9 +807,9 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then an orthogonalised update. Matrices of one shape form one group. Gradients arrive
     averaged over ranks, so every rank holds the same momentum; each rank orthogonalises only its share of a
-    group's matrices (one batched call) and an all-gather assembles the update. That divides the Newton-Schulz
-    work by the world size, and every rank applies bit-identical updates, so the replicas cannot drift even
-    where the GPU's matmuls are not bitwise reproducible."""
+    group's matrices (one batched call) and an all-gather assembles the update. That spreads the Newton-Schulz
+    work over the ranks, and every rank applies the same bytes, even if the orthogonalisation itself is not
+    bitwise reproducible from one call to the next."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize=None,
                  rank: int = 0, world_size: int = 1):
@@ -833,9 +833,11 @@ class Muon(torch.optim.Optimizer):
             buf.lerp_(grads, 1 - group["momentum"])
             nesterov = grads.lerp_(buf, group["momentum"])
             if self.world_size > 1:
-                share = -(-len(params) // self.world_size)  # zero matrices pad the last shares (NS maps 0 to 0)
-                padded = F.pad(nesterov, (0, 0, 0, 0, 0, share * self.world_size - len(params)))
-                mine = self.orthogonalize(padded[self.rank * share:(self.rank + 1) * share], group["backend_steps"])
+                share = -(-len(params) // self.world_size)
+                mine = nesterov[self.rank * share:(self.rank + 1) * share]
+                if mine.size(0) < share:  # the last shares are short or empty: zero matrices (NS maps 0 to 0)
+                    mine = F.pad(mine, (0, 0, 0, 0, 0, share - mine.size(0)))
+                mine = self.orthogonalize(mine, group["backend_steps"])
                 update = torch.empty((share * self.world_size, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
                 dist.all_gather_into_tensor(update, mine.contiguous())
                 update = update[:len(params)]
@@ -1252,7 +1254,7 @@ def main() -> None:
 
     # DISTRIBUTED + DEVICE SETUP. Configuration errors surface here, before any data or model work.
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available()
     demo = not use_cuda and "DATA_PATH" not in os.environ and not os.path.isdir(DEFAULT_DATA_PATH)
@@ -1458,11 +1460,12 @@ def main() -> None:
         ema.copy_to_model()
     if distributed:  # every replica must hold the same weights; a drift would mean rank 0 exports an outlier
         sums = torch.stack([p.detach().double().sum() for p in base_model.parameters()])
+        magnitudes = torch.stack([p.detach().double().abs().sum() for p in base_model.parameters()])
         low, high = sums.clone(), sums.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         in_sync = bool(torch.equal(low, high))
-        spread = ((high - low).abs() / high.abs().clamp_min(1e-30)).max().item()
+        spread = ((high - low) / magnitudes.clamp_min(1e-30)).max().item()  # relative to each tensor's L1 norm
         log0(f"replicas_in_sync:{in_sync} max_relative_spread:{spread:.3g}"
              + ("" if in_sync else " WARNING: the ranks' weights differ"))
     t_cal = time.perf_counter()

@@ -42,7 +42,8 @@ def step(events=None):
             loss = compiled(tokens[:, :-1], tokens[:, 1:])
         (loss / grad_accum).backward()
     mark("backward_done")
-    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+    if args.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
     mark("clip_done")
     optimizers[0].step()
     mark("muon_done")
@@ -81,7 +82,7 @@ total_us = sum(e.self_device_time_total for e in kernels)
 
 def category(name: str) -> str:
     n = name.lower()
-    if any(s in n for s in ("flash", "fmha", "attention", "sdpa")):
+    if any(s in n for s in ("flash", "fmha", "attention", "sdpa", "cudnn::fusion")):  # cuDNN's SDPA helpers too
         return "attention"
     if any(s in n for s in ("gemm", "nvjet", "cutlass", "sm90_", "matmul", "cublas")):
         return "matmul"

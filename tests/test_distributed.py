@@ -110,6 +110,10 @@ assert seen == [3, 1, 1] * 3, seen  # this rank's share of each group, not the w
 assert seen_alone == [5, 2, 1] * 3, seen_alone
 for a, b in zip(sharded, reference):
     assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+flat = torch.cat([p.detach().flatten() for p in sharded])
+gathered = [torch.empty_like(flat) for _ in range(world)]
+dist.all_gather(gathered, flat)
+assert all(torch.equal(gathered[0], g) for g in gathered)  # every rank holds the same bytes
 print(f"rank {rank}: sharded update matches the single-process update")
 dist.destroy_process_group()
 '''
