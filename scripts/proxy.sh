@@ -4,7 +4,8 @@
 #   s786 GPU RUN_ID [VAR=VALUE...]  throughput at the competition shape (40 steps, 786,432 tokens/step)
 #   p150 GPU RUN_ID [VAR=VALUE...]  quality at 150 s of training on one GPU (131,072 tokens/step)
 # Each run writes logs/RUN_ID.txt and logs/RUN_ID.json; VAR=VALUE pairs select the variant. A run is stopped after
-# $LIMIT seconds (default 590), so a call with several runs always ends inside its time.
+# $LIMIT seconds (default 590), so a call with several runs always ends inside its time. SCRIPT=other.py runs another
+# version of the script (an A/B of two revisions side by side); its logs land in logs/ as usual.
 export PYTHONUNBUFFERED=1 DATA_PATH=/tmp/enwiki TOKENIZER_PATH=/tmp/enwiki/fineweb_1024_bpe.model
 
 setup_data() {  # .data/ holds fineweb_{train,val}_*.bin.xz shards and fineweb_1024_bpe.model
@@ -18,11 +19,11 @@ s786() {
     local gpu=$1 run_id=$2; shift 2
     env CUDA_VISIBLE_DEVICES="$gpu" RUN_ID="$run_id" ARTIFACT_PATH="/tmp/$run_id.ptz" ITERATIONS=40 WARMUP_STEPS=3 \
         MAX_WALLCLOCK_SECONDS=0 TRAIN_BATCH_TOKENS=786432 TRAIN_SEQ_LEN=2048 TRAIN_LOG_EVERY=10 \
-        VAL_MAX_TOKENS=131072 EVAL_STRIDE=0 "$@" timeout "${LIMIT:-590}" python3 train_gpt.py > "/tmp/$run_id.out" 2>&1
+        VAL_MAX_TOKENS=131072 EVAL_STRIDE=0 "$@" timeout "${LIMIT:-590}" python3 "${SCRIPT:-train_gpt.py}" > "/tmp/$run_id.out" 2>&1
 }
 
 p150() {
     local gpu=$1 run_id=$2; shift 2
     env CUDA_VISIBLE_DEVICES="$gpu" RUN_ID="$run_id" ARTIFACT_PATH="/tmp/$run_id.ptz" MAX_WALLCLOCK_SECONDS=150 \
-        TRAIN_BATCH_TOKENS=131072 TRAIN_SEQ_LEN=2048 "$@" timeout "${LIMIT:-590}" python3 train_gpt.py > "/tmp/$run_id.out" 2>&1
+        TRAIN_BATCH_TOKENS=131072 TRAIN_SEQ_LEN=2048 "$@" timeout "${LIMIT:-590}" python3 "${SCRIPT:-train_gpt.py}" > "/tmp/$run_id.out" 2>&1
 }
