@@ -248,7 +248,8 @@ class Hyperparameters:
         for name in sorted(self._env):
             if name.startswith(OWNED_PREFIXES) and name not in known:
                 hint = difflib.get_close_matches(name, sorted(known), n=1)
-                raise ValueError(f"unknown environment variable {name}" + (f" (did you mean {hint[0]}?)" if hint else ""))
+                suggestion = f" (did you mean {hint[0]}?)" if hint else ""
+                raise ValueError(f"unknown environment variable {name}{suggestion}")
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(grad_accum_steps, sequences per micro-batch): the global batch is the same on 1, 2, 4 or 8 GPUs."""
@@ -922,10 +923,10 @@ class ExponentialMovingAverage:
 
 ARTIFACT_FORMAT = "s4d_xsa_gptq_v2"
 # Knobs an artifact fixes: evaluating it rebuilds the model from these, whatever the environment says.
-ARTIFACT_KEYS = ("QUANT_BITS", "VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
-              "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
-              "BIGRAM_DIM", "VE_LAYERS", "VE_DIM", "SMEAR_GATE", "SSM_LAYERS", "SSM_MODE", "SSM_KERNEL",
-              "SSM_KERNEL_SIZE", "SSM_STATE_DIM")
+ARTIFACT_KEYS = ("QUANT_BITS", "VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
+                 "MLP_LEAKY_SLOPE", "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N",
+                 "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "VE_LAYERS", "VE_DIM", "SMEAR_GATE", "SSM_LAYERS", "SSM_MODE",
+                 "SSM_KERNEL", "SSM_KERNEL_SIZE", "SSM_STATE_DIM")
 # Clip levels (fractions of a row's max) searched for each row's scale. A finer step costs bits after
 # compression: at int5 the MSE-best clip (~0.8) costs ~0.15 bits per weight more than no clip, so the low-bit
 # GPTQ matrices only search coarse clips; GPTQ's error feedback absorbs most of the extra rounding error.
@@ -1308,7 +1309,8 @@ def main() -> None:
     for name, value in args.values.items():
         log0(f"  {name}: {env_string(value)}")
     if args.val_max_tokens:
-        log0(f"WARNING: VAL_MAX_TOKENS={args.val_max_tokens} scores a prefix of the validation split: not an official score")
+        log0(f"WARNING: VAL_MAX_TOKENS={args.val_max_tokens} scores a prefix of the validation split: "
+             f"not an official score")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
