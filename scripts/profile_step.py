@@ -28,6 +28,7 @@ device = torch.device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.manual_seed(0)
 model = tg.GPT(args).to(device)
+print(tg.configure_inductor())
 compiled = torch.compile(model, dynamic=False, fullgraph=True)
 optimizers = tg.build_optimizers(model, args, torch.compile(tg.zeropower_via_newtonschulz5))
 batches = [torch.randint(0, args.vocab_size, (micro_seqs, args.train_seq_len + 1), device=device)

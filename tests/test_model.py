@@ -26,6 +26,15 @@ def direct_causal_conv(u: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def channel_major(u: torch.Tensor) -> torch.Tensor:
+    """[B, T, C] -> [C, B, T], the layout the convolutions take and return."""
+    return u.permute(2, 0, 1)
+
+
+def channel_last(y: torch.Tensor) -> torch.Tensor:
+    return y.permute(1, 2, 0)
+
+
 def make_ids(seed: int = 0, batch: int = 2, bos_positions=(0, 16)) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, VOCAB, (batch, T), generator=gen)
@@ -169,7 +178,8 @@ def test_fir_causal_conv_matches_direct_definition(T_, K):
     gen = torch.Generator().manual_seed(T_ * 100 + K)
     u = torch.randn(2, T_, 3, generator=gen, dtype=torch.float64)
     taps = torch.randn(3, K, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(tg.fir_causal_conv(u, taps), direct_causal_conv(u, taps), atol=1e-12, rtol=0)
+    y = channel_last(tg.fir_causal_conv(channel_major(u), taps))
+    torch.testing.assert_close(y, direct_causal_conv(u, taps), atol=1e-12, rtol=0)
 
 
 def test_fir_delta_taps_identity_and_shift():
@@ -177,11 +187,11 @@ def test_fir_delta_taps_identity_and_shift():
     K = 4
     ident = torch.zeros(3, K, dtype=torch.float64)
     ident[:, 0] = 1
-    torch.testing.assert_close(tg.fir_causal_conv(u, ident), u, atol=0, rtol=0)
+    torch.testing.assert_close(channel_last(tg.fir_causal_conv(channel_major(u), ident)), u, atol=0, rtol=0)
     for d in range(1, K):
         taps = torch.zeros(3, K, dtype=torch.float64)
         taps[:, d] = 1
-        y = tg.fir_causal_conv(u, taps)
+        y = channel_last(tg.fir_causal_conv(channel_major(u), taps))
         assert (y[:, :d] == 0).all()
         torch.testing.assert_close(y[:, d:], u[:, :-d], atol=0, rtol=0)
 
@@ -192,10 +202,10 @@ def test_fft_causal_conv_matches_direct_definition(T_, L):
     u = torch.randn(2, T_, 3, generator=gen)
     kernel = torch.randn(3, L, generator=gen)
     ref = direct_causal_conv(u.double(), kernel.double()).float()
-    torch.testing.assert_close(tg.fft_causal_conv(u, kernel), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(channel_last(tg.fft_causal_conv(channel_major(u), kernel)), ref, atol=1e-5, rtol=1e-5)
     delta = torch.zeros(3, L)
     delta[:, 2] = 1
-    y = tg.fft_causal_conv(u, delta)
+    y = channel_last(tg.fft_causal_conv(channel_major(u), delta))
     assert y[:, :2].abs().max() < 1e-5
     torch.testing.assert_close(y[:, 2:], u[:, :-2], atol=1e-5, rtol=0)
 
@@ -480,3 +490,15 @@ def test_standalone_modules_start_silent():
                    tg.MLP(16, 32, 0.5),
                    tg.CausalSelfAttention(16, 4, 2, 4, 10000.0, 1.5, True, 8)):
         assert torch.count_nonzero(module(x)) == 0, type(module).__name__
+
+
+def test_configure_inductor_turns_mix_order_reduction_off_unless_the_user_set_it(monkeypatch):
+    triton_config = torch._inductor.config.triton
+    with torch._inductor.config.patch({"triton.mix_order_reduction": True}):
+        monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
+        line = tg.configure_inductor()
+        assert triton_config.mix_order_reduction is False
+        assert line == "inductor: mix_order_reduction:False"
+    with torch._inductor.config.patch({"triton.mix_order_reduction": True}):
+        monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", "1")
+        assert tg.configure_inductor() == "inductor: mix_order_reduction:True"

@@ -526,29 +526,32 @@ class MLP(nn.Module):
 
 
 def fir_causal_conv(u: Tensor, taps: Tensor) -> Tensor:
-    """u: [B, T, C]; taps: [C, K] indexed by lag (taps[:, 0] multiplies the current token). Returns [B, T, C].
-    Time is cut into chunks of K steps. Each output chunk depends on its own chunk and the one before, through a
-    [K, 2K] Toeplitz matrix per channel, so the whole convolution is one batched matmul on the tensor cores
-    (a depthwise F.conv1d runs several times slower here)."""
-    B, T, C = u.shape
+    """u: [C, B, T], channel-major; taps: [C, K] indexed by lag (taps[:, 0] multiplies the current token).
+    Returns [C, B, T]. Time is cut into chunks of K steps. Each output chunk depends on its own chunk and the one
+    before, through a [2K, K] Toeplitz matrix per channel, so the whole convolution is one matmul batched over
+    channels on the tensor cores (a depthwise F.conv1d runs several times slower here). Channel-major operands are
+    ones cuBLAS reads in place; channel-last ones it would first copy, in both passes."""
+    C, B, T = u.shape
     K = taps.size(1)
     pad = (-T) % K
-    x = F.pad(u, (0, 0, K, pad))  # a zero chunk of history before t=0; whole chunks at the end
-    chunks = x.view(B, (T + pad) // K + 1, K, C)
-    windows = torch.cat((chunks[:, :-1], chunks[:, 1:]), dim=2)  # [B, n, 2K, C]: previous chunk, this chunk
-    lag = (torch.arange(K, device=u.device)[:, None] + K) - torch.arange(2 * K, device=u.device)[None, :]
-    toeplitz = torch.where((lag >= 0) & (lag < K), taps[:, lag.clamp(0, K - 1)], 0.0)  # [C, K, 2K]
-    y = torch.einsum("cij,bnjc->bnic", toeplitz.to(u.dtype), windows)
-    return y.reshape(B, -1, C)[:, :T]
+    x = F.pad(u, (K, pad))  # a zero chunk of history before t=0; whole chunks at the end
+    chunks = x.view(C, B, (T + pad) // K + 1, K)
+    windows = torch.cat((chunks[:, :, :-1], chunks[:, :, 1:]), dim=3)  # [C, B, n, 2K]: previous chunk, this chunk
+    # Output i of a chunk sits at window position K + i, so window position j is lag K + i - j from it.
+    lag = (torch.arange(K, device=u.device)[None, :] + K) - torch.arange(2 * K, device=u.device)[:, None]
+    toeplitz = torch.where((lag >= 0) & (lag < K), taps[:, lag.clamp(0, K - 1)], 0.0)  # [C, 2K, K]
+    y = torch.bmm(windows.view(C, -1, 2 * K), toeplitz.to(u.dtype))  # [C, B*n, K]
+    return y.view(C, B, -1)[:, :, :T]
 
 
 def fft_causal_conv(u: Tensor, kernel: Tensor) -> Tensor:
-    """u: [B, T, C]; kernel: [C, L] indexed by lag, L >= T. Linear (not circular) convolution via a 2T FFT."""
-    T = u.size(1)
+    """u: [C, B, T], channel-major; kernel: [C, L] indexed by lag, L >= T. Linear (not circular) convolution via
+    a 2T FFT along time."""
+    T = u.size(-1)
     n = 2 * T
-    u_f = torch.fft.rfft(u.float(), n=n, dim=1)
-    k_f = torch.fft.rfft(kernel[:, :T].float().t(), n=n, dim=0)
-    return torch.fft.irfft(u_f * k_f, n=n, dim=1)[:, :T].to(u.dtype)
+    u_f = torch.fft.rfft(u.float(), n=n, dim=-1)
+    k_f = torch.fft.rfft(kernel[:, :T].float(), n=n, dim=-1)[:, None, :]
+    return torch.fft.irfft(u_f * k_f, n=n, dim=-1)[..., :T].to(u.dtype)
 
 
 class S4DLinMixer(nn.Module):
@@ -601,12 +604,14 @@ class S4DLinMixer(nn.Module):
         return 2.0 * (magnitude * (c_re[..., None] * angle.cos() - c_im[..., None] * angle.sin())).sum(dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, u = self.in_proj(x).chunk(2, dim=-1)
+        # Channel-major from the projection on: the convolution is batched over channels, and the gated product
+        # keeps that layout, so out_proj reads it as a transposed matrix instead of a copy.
+        gate, u = self.in_proj(x).permute(2, 0, 1).chunk(2, dim=0)  # [C, B, T] each
         if self.kernel_kind == "fir":
             y = fir_causal_conv(u, self.kernel_taps)
         else:
-            y = fft_causal_conv(u, self.kernel(u.size(1)))
-        return self.out_proj(torch.sigmoid(gate) * y)
+            y = fft_causal_conv(u, self.kernel(x.size(1)))
+        return self.out_proj((torch.sigmoid(gate) * y).permute(1, 2, 0))
 
 
 class Block(nn.Module):
@@ -1225,6 +1230,20 @@ def make_demo_data(directory: str, vocab_size: int = 512) -> None:
 # -----------------------------
 
 
+def configure_inductor() -> str:
+    """Compiler settings for this model; returns the line that records them in the log.
+    Inductor's mix-order reduction fuses an RMSNorm backward with the per-channel gradient sums (resid_mix, the mixer
+    and MLP scales) of several blocks into one kernel. PyTorch releases without a cap on that kernel's loads build
+    ones that spill registers: at the competition shape three of them took 113 of a step's 711 ms on an H200.
+    Off unless TORCHINDUCTOR_MIX_ORDER_REDUCTION is set explicitly (releases before the fusion have no switch)."""
+    triton_config = torch._inductor.config.triton
+    if not hasattr(triton_config, "mix_order_reduction"):
+        return "inductor: mix_order_reduction:absent"
+    if "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ:
+        triton_config.mix_order_reduction = False
+    return f"inductor: mix_order_reduction:{triton_config.mix_order_reduction}"
+
+
 def evaluate_artifact(artifact: dict, model: GPT, token_losses, val: dict, args: Hyperparameters, rank: int,
                       world_size: int, device: torch.device, use_cuda: bool, log0) -> dict:
     """Dequantize the decoded artifact over every tensor of `model`, then score the whole validation
@@ -1335,6 +1354,8 @@ def main() -> None:
 
     # MODEL
     base_model = GPT(args, bos_id=sp.bos_id()).to(device)
+    if compile_on:
+        log0(configure_inductor())
     token_losses = torch.compile(base_model.token_losses, dynamic=False, fullgraph=True) if compile_on \
         else base_model.token_losses
     attention_kind = "flash_attn_3" if fa3_attention is not None and use_cuda else "sdpa"
