@@ -3,10 +3,12 @@
     python3 scripts/profile_step.py            # the default hybrid; any knob can be set in the environment,
     SSM_LAYERS= python3 scripts/profile_step.py  # e.g. attention only
 
-Prints (1) CUDA-event timings of the step's phases and (2) the profiler's kernels, grouped into attention,
-matmul, fused elementwise (Triton), optimizer and other, with the top kernels by GPU time. Random tokens:
-the step's cost does not depend on the text. KERNEL_NAMES=torch names each Triton kernel after the model code
-it fuses (module paths such as blocks_9_attn), to find which layer a slow kernel belongs to."""
+The model is compiled with the training script's compiler settings (`configure_inductor`). Prints
+(1) CUDA-event timings of the step's phases and (2) the profiler's kernels, grouped into attention, matmul,
+fused elementwise (Triton), optimizer and other, with the top kernels by GPU time. Random tokens: the step's
+cost does not depend on the text. KERNEL_NAMES=torch names each Triton kernel after the torch operations it
+fuses (e.g. rms_normbackward, linearbackward), and TORCH_LOGS=output_code prints every kernel's source with
+the graph nodes it computes, to find what a slow kernel does."""
 import os
 import sys
 from collections import defaultdict
