@@ -1233,9 +1233,10 @@ def make_demo_data(directory: str, vocab_size: int = 512) -> None:
 def configure_inductor() -> str:
     """Compiler settings for this model; returns the line that records them in the log.
     Inductor's mix-order reduction fuses an RMSNorm backward with the per-channel gradient sums (resid_mix, the mixer
-    and MLP scales) of several blocks into one kernel. PyTorch releases without a cap on that kernel's loads build
+    and MLP scales) of several blocks into one kernel. PyTorch 2.11 puts no cap on that kernel's loads and builds
     ones that spill registers: at the competition shape three of them took 113 of a step's 711 ms on an H200.
-    Off unless TORCHINDUCTOR_MIX_ORDER_REDUCTION is set explicitly (releases before the fusion have no switch)."""
+    Later releases cap the loads; untested there, so the fusion is off everywhere unless
+    TORCHINDUCTOR_MIX_ORDER_REDUCTION is set."""
     triton_config = torch._inductor.config.triton
     if not hasattr(triton_config, "mix_order_reduction"):
         return "inductor: mix_order_reduction:absent"
