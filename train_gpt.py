@@ -420,7 +420,6 @@ def load_validation_tokens(data_path: str, max_tokens: int = 0) -> np.ndarray:
     return tokens
 
 
-
 # -----------------------------
 # TRANSFORMER / S4D MODULES
 # -----------------------------
