@@ -115,7 +115,7 @@ gathered = [torch.empty_like(flat) for _ in range(world)]
 dist.all_gather(gathered, flat)
 assert all(torch.equal(gathered[0], g) for g in gathered)  # every rank holds the same bytes
 print(f"rank {rank}: sharded update matches the single-process update")
-dist.destroy_process_group()
+tg.leave_process_group()
 '''
 
 

@@ -1268,6 +1268,15 @@ def evaluate_artifact(artifact: dict, model: GPT, token_losses, val: dict, args:
     return results
 
 
+def leave_process_group() -> None:
+    """Tear the process group down only after every rank has arrived. Gloo's worker threads drop a finished
+    collective's tensors a moment after the caller resumes, and need the GIL to do it; a rank that reaches
+    interpreter shutdown first aborts ("terminate called without an active exception"). The barrier gives them
+    that moment."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     code_bytes = Path(__file__).read_bytes()
     launch = time.perf_counter()
@@ -1375,7 +1384,7 @@ def main() -> None:
                      **submission_bytes(code_bytes, artifact_blob))
         write_facts()
         if distributed:
-            dist.destroy_process_group()
+            leave_process_group()
         return
 
     train_files = find_shards(args.data_path, "train")
@@ -1541,7 +1550,7 @@ def main() -> None:
         dist.all_reduce(export_ok, op=dist.ReduceOp.MIN)
     if not bool(export_ok.item()):
         if distributed:
-            dist.destroy_process_group()
+            leave_process_group()
         if export_error is not None:
             raise export_error
         raise SystemExit("export failed on rank 0")
@@ -1577,7 +1586,7 @@ def main() -> None:
     write_facts()
     log0(f"submission_facts:{factsfile} valid:{facts['valid']}")
     if distributed:
-        dist.destroy_process_group()
+        leave_process_group()
     if not sizes["under_limit"]:
         raise SystemExit(f"artifact too large: {sizes['bytes_total']} > {SIZE_LIMIT_BYTES} bytes")
 
