@@ -97,10 +97,14 @@ def t_test(losses: list, reference_loss: float, margin: float) -> dict:
 
 # ---- Run files.
 
+def log_body(log_text: str) -> str:
+    """What the run logged: the text after the archived source and its separator line."""
+    return log_text.rsplit("\n" + SEPARATOR + "\n", 1)[-1]
+
+
 def last_exact(log_text: str):
     """(tag, val_loss, val_bpb) of the last `*_exact` line after the source-code header, or None."""
-    body = log_text.rsplit("\n" + SEPARATOR + "\n", 1)[-1]
-    hits = EXACT_RE.findall(body)
+    hits = EXACT_RE.findall(log_body(log_text))
     return (hits[-1][0], float(hits[-1][1]), float(hits[-1][2])) if hits else None
 
 
@@ -130,7 +134,7 @@ def load_runs(folder: Path, warn) -> list:
         if not (abs(loss - facts["val_loss"]) <= TOL and abs(bpb - facts["val_bpb"]) <= TOL):  # NaN fails too
             raise RecordError(f"{logs[stem]}: last line {tag}_exact gives val_loss {loss} val_bpb {bpb}, but "
                               f"{jsons[stem].name} says {facts['val_loss']} / {facts['val_bpb']}")
-        logged_seed = SEED_RE.findall(text.rsplit("\n" + SEPARATOR + "\n", 1)[-1])
+        logged_seed = SEED_RE.findall(log_body(text))
         if logged_seed and int(logged_seed[-1]) != facts["seed"]:
             raise RecordError(f"{logs[stem]}: logs SEED {logged_seed[-1]}, {jsons[stem].name} says {facts['seed']}")
         if facts["seed"] in seeds:

@@ -16,31 +16,20 @@ def error_for(**env) -> str:
     return str(exc.value)
 
 
-@pytest.mark.parametrize("env,name", [
-    ({"NUM_LAYERS": "x"}, "NUM_LAYERS"),
-    ({"NUM_LAYERS": "3.0"}, "NUM_LAYERS"),
-    ({"MATRIX_LR": "fast"}, "MATRIX_LR"),
-    ({"MATRIX_LR": "nan"}, "MATRIX_LR"),
-    ({"SCALAR_LR": "inf"}, "SCALAR_LR"),
-    ({"SSM_LAYERS": "0,a"}, "SSM_LAYERS"),
+@pytest.mark.parametrize("name,value", [
+    ("NUM_LAYERS", "x"), ("NUM_LAYERS", "3.0"), ("MATRIX_LR", "fast"), ("MATRIX_LR", "nan"), ("SCALAR_LR", "inf"),
+    ("SSM_LAYERS", "0,a"),
 ])
-def test_non_numbers(env, name):
-    assert name in error_for(**env)
+def test_non_numbers(name, value):
+    assert name in error_for(**{name: value})
 
 
-@pytest.mark.parametrize("env,name", [
-    ({"VOCAB_SIZE": "1"}, "VOCAB_SIZE"),
-    ({"VOCAB_SIZE": "65537"}, "VOCAB_SIZE"),
-    ({"QUANT_BITS": "9"}, "QUANT_BITS"),
-    ({"QUANT_BITS": "1"}, "QUANT_BITS"),
-    ({"ITERATIONS": "0"}, "ITERATIONS"),
-    ({"WARMDOWN_FRAC": "1.5"}, "WARMDOWN_FRAC"),
-    ({"MAX_WALLCLOCK_SECONDS": "-1"}, "MAX_WALLCLOCK_SECONDS"),
-    ({"MUON_MOMENTUM": "1.0"}, "MUON_MOMENTUM"),
-    ({"EVAL_STRIDE": "-1"}, "EVAL_STRIDE"),
+@pytest.mark.parametrize("name,value", [
+    ("VOCAB_SIZE", "1"), ("VOCAB_SIZE", "65537"), ("QUANT_BITS", "9"), ("QUANT_BITS", "1"), ("ITERATIONS", "0"),
+    ("WARMDOWN_FRAC", "1.5"), ("MAX_WALLCLOCK_SECONDS", "-1"), ("MUON_MOMENTUM", "1.0"), ("EVAL_STRIDE", "-1"),
 ])
-def test_out_of_range(env, name):
-    msg = error_for(**env)
+def test_out_of_range(name, value):
+    msg = error_for(**{name: value})
     assert name in msg and ("minimum" in msg or "maximum" in msg)
 
 

@@ -485,7 +485,7 @@ def test_standalone_modules_start_silent():
     """Zero-init lives in the modules themselves, not only in GPT: a new mixer or MLP outputs exactly zero."""
     torch.manual_seed(0)
     x = torch.randn(2, 8, 16)
-    for module in (tg.S4DLinMixer(16, "fir", 8, 8, (1e-3, 1e-1), (0.05, 2.0)),
+    for module in (fir_mixer(),
                    tg.S4DLinMixer(16, "s4d", 8, 8, (1e-3, 1e-1), (0.05, 2.0)),
                    tg.MLP(16, 32, 0.5),
                    tg.CausalSelfAttention(16, 4, 2, 4, 10000.0, 1.5, True, 8)):

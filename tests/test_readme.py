@@ -1,11 +1,8 @@
 """The README is the user's manual: its first screen runs the product and the tests, and its table lists every knob."""
 import re
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train_gpt as tg  # noqa: E402
+import train_gpt as tg
+from conftest import REPO_ROOT as ROOT
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

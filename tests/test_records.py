@@ -2,19 +2,19 @@
 import importlib.util
 import json
 import math
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT as ROOT
+
 _spec = importlib.util.spec_from_file_location("summarize_seeds", ROOT / "records" / "summarize_seeds.py")
 ss = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ss)
 
-SEP = "=" * 100
+SEP = ss.SEPARATOR
 SIZE_LIMIT = 16_000_000
 
 
@@ -197,10 +197,6 @@ def test_cli_writes_both_files(tmp_path):
 
 # ---------------------------------------------------------------- record folders records/<track>/<name>/
 
-EXACT = re.compile(r"^\w+_exact val_loss:([-+\d.eE]+) val_bpb:([-+\d.eE]+)[ \t]*$", re.M)
-SEED = re.compile(r"^  SEED: (\d+)[ \t]*$", re.M)
-
-
 def record_folder_problems(folder: Path, root_code: bytes) -> list:
     """What is wrong with one record folder holding a submission.json (empty list: nothing)."""
     try:
@@ -213,10 +209,10 @@ def record_folder_problems(folder: Path, root_code: bytes) -> list:
         problems.append(f"{code} is missing or not byte-identical to the repository's train_gpt.py")
     logged = {}  # seed -> (val_loss, val_bpb) of the last *_exact line of each log
     for log in folder.glob("*.txt"):
-        body = log.read_text(encoding="utf-8").rsplit("\n" + SEP + "\n", 1)[-1]
-        seeds, exact = SEED.findall(body), EXACT.findall(body)
+        text = log.read_text(encoding="utf-8")
+        seeds, exact = ss.SEED_RE.findall(ss.log_body(text)), ss.last_exact(text)
         if seeds and exact:
-            logged.setdefault(int(seeds[-1]), []).append((float(exact[-1][0]), float(exact[-1][1]), log.name))
+            logged.setdefault(int(seeds[-1]), []).append((exact[1], exact[2], log.name))
     results = sub.get("seed_results", {})
     if not results:
         problems.append(f"{folder}: submission.json has no seed_results")
