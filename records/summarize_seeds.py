@@ -102,6 +102,11 @@ def log_body(log_text: str) -> str:
     return log_text.rsplit("\n" + SEPARATOR + "\n", 1)[-1]
 
 
+def log_source(log_text: str) -> str:
+    """The source the run archived at the top of its log (everything before the separator line)."""
+    return log_text.split("\n" + SEPARATOR + "\n", 1)[0]
+
+
 def last_exact(log_text: str):
     """(tag, val_loss, val_bpb) of the last `*_exact` line after the source-code header, or None."""
     hits = EXACT_RE.findall(log_body(log_text))
@@ -145,9 +150,10 @@ def load_runs(folder: Path, warn) -> list:
         if facts.get("config", {}).get("VAL_MAX_TOKENS", "0") not in ("0", ""):
             warn(f"{jsons[stem].name}: VAL_MAX_TOKENS={facts['config']['VAL_MAX_TOKENS']}: scores a prefix of "
                  "the validation split, not an official score")
-        code = folder / "train_gpt.py"
-        if code.is_file() and text.split("\n" + SEPARATOR + "\n", 1)[0] != code.read_text(encoding="utf-8"):
-            warn(f"{logs[stem].name}: the source at the top of the log differs from {code}")
+        code = folder / "train_gpt.py"  # a record is rerun from this file, so it must be what made the logs
+        if code.is_file() and log_source(text).encode("utf-8") != code.read_bytes():
+            raise RecordError(f"{logs[stem]}: the source at the top of the log differs from {code}: put the "
+                              f"script that produced the logs in the folder")
         runs.append({"stem": stem, "facts": facts, "tag": tag})
     if not runs:
         raise RecordError(f"{folder}: no run (a <stem>.json with its <stem>.txt log)")

@@ -197,19 +197,23 @@ def test_cli_writes_both_files(tmp_path):
 
 # ---------------------------------------------------------------- record folders records/<track>/<name>/
 
-def record_folder_problems(folder: Path, root_code: bytes) -> list:
-    """What is wrong with one record folder holding a submission.json (empty list: nothing)."""
+def record_folder_problems(folder: Path) -> list:
+    """What is wrong with one record folder holding a submission.json (empty list: nothing). The folder's
+    train_gpt.py must be byte-identical to the source archived in each of its logs: the record is rerun from it."""
     try:
         sub = json.loads((folder / "submission.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         return [f"{folder}/submission.json does not parse: {err}"]
     problems = []
     code = folder / "train_gpt.py"
-    if not code.is_file() or code.read_bytes() != root_code:
-        problems.append(f"{code} is missing or not byte-identical to the repository's train_gpt.py")
+    code_bytes = code.read_bytes() if code.is_file() else None
+    if code_bytes is None:
+        problems.append(f"{code} is missing")
     logged = {}  # seed -> (val_loss, val_bpb) of the last *_exact line of each log
     for log in folder.glob("*.txt"):
         text = log.read_text(encoding="utf-8")
+        if ss.SEPARATOR in text and ss.log_source(text).encode("utf-8") != code_bytes:
+            problems.append(f"{log.name}: its archived source is not byte-identical to {code}")
         seeds, exact = ss.SEED_RE.findall(ss.log_body(text)), ss.last_exact(text)
         if seeds and exact:
             logged.setdefault(int(seeds[-1]), []).append((exact[1], exact[2], log.name))
@@ -236,15 +240,17 @@ def test_record_folder_check_on_a_synthetic_record(tmp_path):
     warnings = []
     sub = ss.summarize(folder, reference_loss=1.92, warn=warnings.append)
     assert warnings == [] and sub["track"] == "track_10min_16mb" and sub["bytes_code"] == len(root_code)
-    assert record_folder_problems(folder, root_code) == []
+    assert record_folder_problems(folder) == []
     sub = json.loads((folder / "submission.json").read_text())
     sub["val_bpb"] += 1e-6
     sub["seed_results"]["42"]["val_loss"] += 1e-6
     sub["bytes_total"] = SIZE_LIMIT + 1
     (folder / "submission.json").write_text(json.dumps(sub))
     (folder / "train_gpt.py").write_bytes(root_code + b"\n")
-    problems = record_folder_problems(folder, root_code)
-    assert len(problems) == 4, problems
+    problems = record_folder_problems(folder)
+    assert len(problems) == 3 + 3, problems  # three numbers, and each of the three logs names the script
+    with pytest.raises(ss.RecordError, match="differs from"):  # and the summary refuses to write from it
+        ss.summarize(folder, reference_loss=1.92)
 
 
 def test_real_record_folders():
@@ -253,6 +259,5 @@ def test_real_record_folders():
         pytest.skip("no record folders records/<track>/<name>/ yet")
     with_submission = [f for f in folders if (f / "submission.json").is_file()]
     assert with_submission, f"record folders without any submission.json: {[str(f) for f in folders]}"
-    root_code = (ROOT / "train_gpt.py").read_bytes()
-    problems = [p for f in with_submission for p in record_folder_problems(f, root_code)]
+    problems = [p for f in with_submission for p in record_folder_problems(f)]
     assert not problems, "\n".join(problems)

@@ -248,8 +248,7 @@ class Hyperparameters:
         for name in sorted(self._env):
             if name.startswith(OWNED_PREFIXES) and name not in known:
                 hint = difflib.get_close_matches(name, sorted(known), n=1)
-                suggestion = f" (did you mean {hint[0]}?)" if hint else ""
-                raise ValueError(f"unknown environment variable {name}{suggestion}")
+                raise ValueError(f"unknown environment variable {name}" + (f" (did you mean {hint[0]}?)" if hint else ""))
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(grad_accum_steps, sequences per micro-batch): the global batch is the same on 1, 2, 4 or 8 GPUs."""
@@ -420,6 +419,7 @@ def load_validation_tokens(data_path: str, max_tokens: int = 0) -> np.ndarray:
     return tokens
 
 
+
 # -----------------------------
 # TRANSFORMER / S4D MODULES
 # -----------------------------
@@ -525,32 +525,29 @@ class MLP(nn.Module):
 
 
 def fir_causal_conv(u: Tensor, taps: Tensor) -> Tensor:
-    """u: [C, B, T], channel-major; taps: [C, K] indexed by lag (taps[:, 0] multiplies the current token).
-    Returns [C, B, T]. Time is cut into chunks of K steps. Each output chunk depends on its own chunk and the one
-    before, through a [2K, K] Toeplitz matrix per channel, so the whole convolution is one matmul batched over
-    channels on the tensor cores (a depthwise F.conv1d runs several times slower here). Channel-major operands are
-    ones cuBLAS reads in place; channel-last ones it would first copy, in both passes."""
-    C, B, T = u.shape
+    """u: [B, T, C]; taps: [C, K] indexed by lag (taps[:, 0] multiplies the current token). Returns [B, T, C].
+    Time is cut into chunks of K steps. Each output chunk depends on its own chunk and the one before, through a
+    [K, 2K] Toeplitz matrix per channel, so the whole convolution is one batched matmul on the tensor cores
+    (a depthwise F.conv1d runs several times slower here)."""
+    B, T, C = u.shape
     K = taps.size(1)
     pad = (-T) % K
-    x = F.pad(u, (K, pad))  # a zero chunk of history before t=0; whole chunks at the end
-    chunks = x.view(C, B, (T + pad) // K + 1, K)
-    windows = torch.cat((chunks[:, :, :-1], chunks[:, :, 1:]), dim=3)  # [C, B, n, 2K]: previous chunk, this chunk
-    # Output i of a chunk sits at window position K + i, so window position j is lag K + i - j from it.
-    lag = (torch.arange(K, device=u.device)[None, :] + K) - torch.arange(2 * K, device=u.device)[:, None]
-    toeplitz = torch.where((lag >= 0) & (lag < K), taps[:, lag.clamp(0, K - 1)], 0.0)  # [C, 2K, K]
-    y = torch.bmm(windows.view(C, -1, 2 * K), toeplitz.to(u.dtype))  # [C, B*n, K]
-    return y.view(C, B, -1)[:, :, :T]
+    x = F.pad(u, (0, 0, K, pad))  # a zero chunk of history before t=0; whole chunks at the end
+    chunks = x.view(B, (T + pad) // K + 1, K, C)
+    windows = torch.cat((chunks[:, :-1], chunks[:, 1:]), dim=2)  # [B, n, 2K, C]: previous chunk, this chunk
+    lag = (torch.arange(K, device=u.device)[:, None] + K) - torch.arange(2 * K, device=u.device)[None, :]
+    toeplitz = torch.where((lag >= 0) & (lag < K), taps[:, lag.clamp(0, K - 1)], 0.0)  # [C, K, 2K]
+    y = torch.einsum("cij,bnjc->bnic", toeplitz.to(u.dtype), windows)
+    return y.reshape(B, -1, C)[:, :T]
 
 
 def fft_causal_conv(u: Tensor, kernel: Tensor) -> Tensor:
-    """u: [C, B, T], channel-major; kernel: [C, L] indexed by lag, L >= T. Linear (not circular) convolution via
-    a 2T FFT along time."""
-    T = u.size(-1)
+    """u: [B, T, C]; kernel: [C, L] indexed by lag, L >= T. Linear (not circular) convolution via a 2T FFT."""
+    T = u.size(1)
     n = 2 * T
-    u_f = torch.fft.rfft(u.float(), n=n, dim=-1)
-    k_f = torch.fft.rfft(kernel[:, :T].float(), n=n, dim=-1)[:, None, :]
-    return torch.fft.irfft(u_f * k_f, n=n, dim=-1)[..., :T].to(u.dtype)
+    u_f = torch.fft.rfft(u.float(), n=n, dim=1)
+    k_f = torch.fft.rfft(kernel[:, :T].float().t(), n=n, dim=0)
+    return torch.fft.irfft(u_f * k_f, n=n, dim=1)[:, :T].to(u.dtype)
 
 
 class S4DLinMixer(nn.Module):
@@ -603,14 +600,12 @@ class S4DLinMixer(nn.Module):
         return 2.0 * (magnitude * (c_re[..., None] * angle.cos() - c_im[..., None] * angle.sin())).sum(dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Channel-major from the projection on: the convolution is batched over channels, and the gated product
-        # keeps that layout, so out_proj reads it as a transposed matrix instead of a copy.
-        gate, u = self.in_proj(x).permute(2, 0, 1).chunk(2, dim=0)  # [C, B, T] each
+        gate, u = self.in_proj(x).chunk(2, dim=-1)
         if self.kernel_kind == "fir":
             y = fir_causal_conv(u, self.kernel_taps)
         else:
-            y = fft_causal_conv(u, self.kernel(x.size(1)))
-        return self.out_proj((torch.sigmoid(gate) * y).permute(1, 2, 0))
+            y = fft_causal_conv(u, self.kernel(u.size(1)))
+        return self.out_proj(torch.sigmoid(gate) * y)
 
 
 class Block(nn.Module):
@@ -812,9 +807,9 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then an orthogonalised update. Matrices of one shape form one group. Gradients arrive
     averaged over ranks, so every rank holds the same momentum; each rank orthogonalises only its share of a
-    group's matrices (one batched call) and an all-gather assembles the update. That spreads the Newton-Schulz
-    work over the ranks, and every rank applies the same bytes, even if the orthogonalisation itself is not
-    bitwise reproducible from one call to the next."""
+    group's matrices (one batched call) and an all-gather assembles the update. That divides the Newton-Schulz
+    work by the world size, and every rank applies bit-identical updates, so the replicas cannot drift even
+    where the GPU's matmuls are not bitwise reproducible."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize=None,
                  rank: int = 0, world_size: int = 1):
@@ -838,11 +833,9 @@ class Muon(torch.optim.Optimizer):
             buf.lerp_(grads, 1 - group["momentum"])
             nesterov = grads.lerp_(buf, group["momentum"])
             if self.world_size > 1:
-                share = -(-len(params) // self.world_size)
-                mine = nesterov[self.rank * share:(self.rank + 1) * share]
-                if mine.size(0) < share:  # the last shares are short or empty: zero matrices (NS maps 0 to 0)
-                    mine = F.pad(mine, (0, 0, 0, 0, 0, share - mine.size(0)))
-                mine = self.orthogonalize(mine, group["backend_steps"])
+                share = -(-len(params) // self.world_size)  # zero matrices pad the last shares (NS maps 0 to 0)
+                padded = F.pad(nesterov, (0, 0, 0, 0, 0, share * self.world_size - len(params)))
+                mine = self.orthogonalize(padded[self.rank * share:(self.rank + 1) * share], group["backend_steps"])
                 update = torch.empty((share * self.world_size, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
                 dist.all_gather_into_tensor(update, mine.contiguous())
                 update = update[:len(params)]
@@ -927,10 +920,10 @@ class ExponentialMovingAverage:
 
 ARTIFACT_FORMAT = "s4d_xsa_gptq_v2"
 # Knobs an artifact fixes: evaluating it rebuilds the model from these, whatever the environment says.
-ARTIFACT_KEYS = ("QUANT_BITS", "VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
-                 "MLP_LEAKY_SLOPE", "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N",
-                 "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "VE_LAYERS", "VE_DIM", "SMEAR_GATE", "SSM_LAYERS", "SSM_MODE",
-                 "SSM_KERNEL", "SSM_KERNEL_SIZE", "SSM_STATE_DIM")
+ARTIFACT_KEYS = ("QUANT_BITS", "VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
+              "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
+              "BIGRAM_DIM", "VE_LAYERS", "VE_DIM", "SMEAR_GATE", "SSM_LAYERS", "SSM_MODE", "SSM_KERNEL",
+              "SSM_KERNEL_SIZE", "SSM_STATE_DIM")
 # Clip levels (fractions of a row's max) searched for each row's scale. A finer step costs bits after
 # compression: at int5 the MSE-best clip (~0.8) costs ~0.15 bits per weight more than no clip, so the low-bit
 # GPTQ matrices only search coarse clips; GPTQ's error feedback absorbs most of the extra rounding error.
@@ -1229,21 +1222,6 @@ def make_demo_data(directory: str, vocab_size: int = 512) -> None:
 # -----------------------------
 
 
-def configure_inductor() -> str:
-    """Compiler settings for this model; returns the line that records them in the log.
-    Inductor's mix-order reduction fuses an RMSNorm backward with the per-channel gradient sums (resid_mix, the mixer
-    and MLP scales) of several blocks into one kernel. PyTorch 2.11 puts no cap on that kernel's loads and builds
-    ones that spill registers: at the competition shape three of them took 113 of a step's 711 ms on an H200.
-    Later releases cap the loads; untested there, so the fusion is off everywhere unless
-    TORCHINDUCTOR_MIX_ORDER_REDUCTION is set."""
-    triton_config = torch._inductor.config.triton
-    if not hasattr(triton_config, "mix_order_reduction"):
-        return "inductor: mix_order_reduction:absent"
-    if "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ:
-        triton_config.mix_order_reduction = False
-    return f"inductor: mix_order_reduction:{triton_config.mix_order_reduction}"
-
-
 def evaluate_artifact(artifact: dict, model: GPT, token_losses, val: dict, args: Hyperparameters, rank: int,
                       world_size: int, device: torch.device, use_cuda: bool, log0) -> dict:
     """Dequantize the decoded artifact over every tensor of `model`, then score the whole validation
@@ -1268,22 +1246,13 @@ def evaluate_artifact(artifact: dict, model: GPT, token_losses, val: dict, args:
     return results
 
 
-def leave_process_group() -> None:
-    """Tear the process group down only after every rank has arrived. Gloo's worker threads drop a finished
-    collective's tensors a moment after the caller resumes, and need the GIL to do it; a rank that reaches
-    interpreter shutdown first aborts ("terminate called without an active exception"). The barrier gives them
-    that moment."""
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def main() -> None:
     code_bytes = Path(__file__).read_bytes()
     launch = time.perf_counter()
 
     # DISTRIBUTED + DEVICE SETUP. Configuration errors surface here, before any data or model work.
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available()
     demo = not use_cuda and "DATA_PATH" not in os.environ and not os.path.isdir(DEFAULT_DATA_PATH)
@@ -1337,8 +1306,7 @@ def main() -> None:
     for name, value in args.values.items():
         log0(f"  {name}: {env_string(value)}")
     if args.val_max_tokens:
-        log0(f"WARNING: VAL_MAX_TOKENS={args.val_max_tokens} scores a prefix of the validation split: "
-             f"not an official score")
+        log0(f"WARNING: VAL_MAX_TOKENS={args.val_max_tokens} scores a prefix of the validation split: not an official score")
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1363,8 +1331,6 @@ def main() -> None:
 
     # MODEL
     base_model = GPT(args, bos_id=sp.bos_id()).to(device)
-    if compile_on:
-        log0(configure_inductor())
     token_losses = torch.compile(base_model.token_losses, dynamic=False, fullgraph=True) if compile_on \
         else base_model.token_losses
     attention_kind = "flash_attn_3" if fa3_attention is not None and use_cuda else "sdpa"
@@ -1384,7 +1350,7 @@ def main() -> None:
                      **submission_bytes(code_bytes, artifact_blob))
         write_facts()
         if distributed:
-            leave_process_group()
+            dist.destroy_process_group()
         return
 
     train_files = find_shards(args.data_path, "train")
@@ -1492,12 +1458,11 @@ def main() -> None:
         ema.copy_to_model()
     if distributed:  # every replica must hold the same weights; a drift would mean rank 0 exports an outlier
         sums = torch.stack([p.detach().double().sum() for p in base_model.parameters()])
-        magnitudes = torch.stack([p.detach().double().abs().sum() for p in base_model.parameters()])
         low, high = sums.clone(), sums.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         in_sync = bool(torch.equal(low, high))
-        spread = ((high - low) / magnitudes.clamp_min(1e-30)).max().item()  # relative to each tensor's L1 norm
+        spread = ((high - low).abs() / high.abs().clamp_min(1e-30)).max().item()
         log0(f"replicas_in_sync:{in_sync} max_relative_spread:{spread:.3g}"
              + ("" if in_sync else " WARNING: the ranks' weights differ"))
     t_cal = time.perf_counter()
@@ -1550,7 +1515,7 @@ def main() -> None:
         dist.all_reduce(export_ok, op=dist.ReduceOp.MIN)
     if not bool(export_ok.item()):
         if distributed:
-            leave_process_group()
+            dist.destroy_process_group()
         if export_error is not None:
             raise export_error
         raise SystemExit("export failed on rank 0")
@@ -1586,7 +1551,7 @@ def main() -> None:
     write_facts()
     log0(f"submission_facts:{factsfile} valid:{facts['valid']}")
     if distributed:
-        leave_process_group()
+        dist.destroy_process_group()
     if not sizes["under_limit"]:
         raise SystemExit(f"artifact too large: {sizes['bytes_total']} > {SIZE_LIMIT_BYTES} bytes")
 
