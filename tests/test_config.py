@@ -142,7 +142,7 @@ def test_values_record_every_knob():
     a = tiny_args(SSM_MODE="parallel")
     assert a.values["SSM_MODE"] == "parallel" and a.values["MODEL_DIM"] == 64
     assert all(name.isupper() for name in a.values)
-    assert set(tg.ARTIFACT_KEYS) <= set(a.values)
+    assert set(tg.MODEL_KEYS) <= set(a.values)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 from test_end_to_end import RUN_ENV, clean_env, data_env, new_workdir
 
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([0-9.]+) ", re.M)
-EXACT = re.compile(r"^(final_int5_\w+_exact) val_loss:([0-9.]+) val_bpb:([0-9.]+)$", re.M)
+EXACT = re.compile(r"^final_\w+?_(roundtrip|sliding_window)_exact val_loss:([0-9.]+) val_bpb:([0-9.]+)$", re.M)
 PRE = re.compile(r"^pre_export val_loss:([0-9.]+) ", re.M)
 
 
@@ -42,7 +42,7 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path_factory, demo_
     assert curves[1][-1][1] < curves[1][0][1] - 1.0  # it learned, so equal curves mean something
     assert abs(float(PRE.search(logs[1]).group(1)) - float(PRE.search(logs[2]).group(1))) < 2e-3
     finals = {n: {tag: float(loss) for tag, loss, _ in EXACT.findall(log)} for n, log in logs.items()}
-    assert set(finals[1]) == set(finals[2]) == {"final_int5_roundtrip_exact", "final_int5_sliding_window_exact"}
+    assert set(finals[1]) == set(finals[2]) == {"roundtrip", "sliding_window"}
     for tag in finals[1]:
         assert abs(finals[1][tag] - finals[2][tag]) < 5e-3, (tag, finals)
 
@@ -71,13 +71,13 @@ def test_an_export_failure_on_rank_0_stops_every_rank(tmp_path_factory, demo_dat
                           timeout=120)
     assert proc.returncode != 0
     log = body((workdir / "logs" / "fail.txt").read_text())
-    assert "ERROR: export failed" in log and "nonexistent_dir" in log
+    assert "ERROR: RuntimeError: export failed" in log and "nonexistent_dir" in log
     facts = (workdir / "logs" / "fail.json")
     assert not facts.exists() or '"status": "exported"' not in facts.read_text()
 
 
 SHARDED_MUON = r'''
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import train_gpt as tg
 dist.init_process_group("gloo")
@@ -114,8 +114,9 @@ flat = torch.cat([p.detach().flatten() for p in sharded])
 gathered = [torch.empty_like(flat) for _ in range(world)]
 dist.all_gather(gathered, flat)
 assert all(torch.equal(gathered[0], g) for g in gathered)  # every rank holds the same bytes
-print(f"rank {rank}: sharded update matches the single-process update")
+print(f"rank {rank}: sharded update matches the single-process update", flush=True)
 tg.leave_process_group()
+os._exit(0)  # as train_gpt.py does: no interpreter shutdown while gloo's threads may still hold tensors
 '''
 
 

@@ -1,0 +1,175 @@
+"""TRAINING and validity: the compile warm-up leaves no trace, the EMA averages what it should, every validity
+rule is checked against what the run measured, and knob typos fail."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import shard, tiny_args
+
+
+def tiny_run(tmp_path, **env) -> tuple[types.SimpleNamespace, list[str]]:
+    """What make_train_step needs of a Run, on the CPU, with one training shard of random tokens."""
+    args = tiny_args(TRAIN_BATCH_TOKENS=8 * 32 * 2, **env)
+    gen = torch.Generator().manual_seed(0)
+    files = [str(shard(tmp_path / "fineweb_train_000000.bin", torch.randint(0, 128, (20_000,), generator=gen)))]
+    run = types.SimpleNamespace(args=args, device=torch.device("cpu"), distributed=False, use_cuda=False,
+                                grad_accum=8, micro_seqs=2)
+    return run, files
+
+
+def snapshot(model, optimizers) -> tuple[dict, list]:
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [{k: v for k, v in opt.state_dict().items()} for opt in optimizers])
+
+
+def test_warm_up_restores_weights_optimizer_state_and_data_position(tmp_path):
+    run, files = tiny_run(tmp_path)
+    torch.manual_seed(0)
+    model = tg.GPT(run.args)
+    optimizers = tg.build_optimizers(model, run.args)
+    step = tg.make_train_step(run, model, model, optimizers)
+    new_loader = lambda: tg.DistributedTokenLoader(files, 128, 0, 1, run.device)  # noqa: E731
+    weights, _ = snapshot(model, optimizers)
+    calls = []
+
+    def counting_step(loader, progress):
+        calls.append(progress)
+        return step(loader, progress)
+
+    loader = tg.warm_up(counting_step, model, optimizers, new_loader, 3, lambda msg: None)
+    assert calls == [0.0] * 3  # it trained
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k  # and took it all back
+    assert all(len(opt.state) == 0 for opt in optimizers)  # no momentum, no Adam moments, no step counts
+    assert loader.stream.file_idx == 0 and loader.stream.pos == 0  # the data starts from the beginning
+    # the timed run then follows exactly the path of a run with no warm-up
+    torch.manual_seed(0)
+    fresh = tg.GPT(run.args)
+    fresh_opts = tg.build_optimizers(fresh, run.args)
+    fresh_step = tg.make_train_step(run, fresh, fresh, fresh_opts)
+    fresh_loader = new_loader()
+    for _ in range(2):
+        assert torch.equal(step(loader, 0.5), fresh_step(fresh_loader, 0.5))
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_warm_up_of_zero_steps_trains_nothing(tmp_path):
+    run, files = tiny_run(tmp_path)
+    model = tg.GPT(run.args)
+    optimizers = tg.build_optimizers(model, run.args)
+    loader = tg.warm_up(lambda *a: pytest.fail("a step ran"), model, optimizers,
+                        lambda: tg.DistributedTokenLoader(files, 128, 0, 1, run.device), 0, print)
+    assert loader.stream.pos == 0
+
+
+def test_ema_decay_follows_the_run_fraction():
+    model = torch.nn.Linear(4, 4)
+    ema = tg.ExponentialMovingAverage(model, horizon_frac=0.05)
+    # 100 steps at 50% of the run: ~200 steps in all, a horizon of 10 steps, decay 0.9
+    assert ema.decay(100, 0.5) == pytest.approx(0.9)
+    assert ema.decay(1000, 0.5) == pytest.approx(1 - 1 / 100)
+    assert ema.decay(1, 1e-9) == pytest.approx(1 / 11)  # the first steps: a short horizon (step / (step + 10))
+    for step, progress in ((5, 0.01), (50, 0.2), (400, 0.9)):
+        assert 0 < ema.decay(step, progress) < 1
+
+
+def test_ema_holds_the_average_of_the_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = tg.ExponentialMovingAverage(model, horizon_frac=0.1)
+    expected = [p.detach().clone() for p in model.parameters()]
+    history = []
+    for step in range(1, 31):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        progress = step / 30
+        ema.update(step, progress)
+        d = ema.decay(step, progress)
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters())]
+        history.append([p.detach().clone() for p in model.parameters()])
+    for s, e in zip(ema.shadow, expected):
+        torch.testing.assert_close(s, e)
+    current = [p.detach().clone() for p in model.parameters()]
+    assert all(not torch.allclose(s, c) for s, c in zip(ema.shadow, current))  # an average, not the last weights
+    ema.copy_to_model()
+    for p, s in zip(model.parameters(), ema.shadow):
+        assert torch.equal(p, s)
+
+
+# ---------------------------------------------------------------- validity
+
+GOOD = {"max_wallclock_seconds": 600.0, "train_plus_calibration_s": 599.2, "calibration_within_wallclock": True,
+        "train_files_disjoint_from_val": True, "val_max_tokens": 0, "eval_seconds": 412.0,
+        "bytes_total": 15_990_000, "score_first": True}
+
+
+def test_a_run_that_keeps_every_rule_is_valid():
+    flags, broken = tg.assess_validity(GOOD)
+    assert broken == [] and all(flags.values()) and len(flags) == 8
+
+
+@pytest.mark.parametrize("change,flag,reason", [
+    ({"max_wallclock_seconds": 0.0}, "wallclock_cap_set", "MAX_WALLCLOCK_SECONDS=0.0"),
+    ({"max_wallclock_seconds": 900.0}, "wallclock_cap_set", "at most 600"),
+    ({"max_wallclock_seconds": None}, "wallclock_cap_set", "MAX_WALLCLOCK_SECONDS=None"),
+    ({"train_plus_calibration_s": 600.5}, "train_under_600s", "600.5s"),
+    ({"train_plus_calibration_s": None}, "train_under_600s", "not in this run"),
+    ({"calibration_within_wallclock": False}, "calibration_within_wallclock", "calibration"),
+    ({"train_files_disjoint_from_val": False}, "no_val_data_in_training", "disjoint"),
+    ({"val_max_tokens": 131072}, "full_validation_split", "VAL_MAX_TOKENS=131072"),
+    ({"eval_seconds": 600.1}, "eval_under_600s", "600.1s"),
+    ({"bytes_total": 16_000_001}, "artifact_under_16mb", "16000001 bytes"),
+    ({"score_first": False}, "score_first", "before they were scored"),
+])
+def test_each_rule_is_checked(change, flag, reason):
+    flags, broken = tg.assess_validity(dict(GOOD, **change))
+    assert [name for name, ok in flags.items() if not ok] == [flag]
+    assert len(broken) == 1 and reason in broken[0]
+
+
+def test_limits_are_inclusive():
+    flags, broken = tg.assess_validity(dict(GOOD, train_plus_calibration_s=600.0, eval_seconds=600.0,
+                                            bytes_total=16_000_000))
+    assert broken == []
+
+
+# ---------------------------------------------------------------- knob typos
+
+
+@pytest.mark.parametrize("typo,meant", [
+    ("MAX_WALLCLOK_SECONDS", "MAX_WALLCLOCK_SECONDS"), ("ITERATONS", "ITERATIONS"), ("ITERATINOS", "ITERATIONS"),
+    ("RUNID", "RUN_ID"), ("SEDE", "SEED"), ("MATRIXLR", "MATRIX_LR"), ("MAX_WALCLOK_SECONDS", "MAX_WALLCLOCK_SECONDS"),
+    ("COMPILLE", "COMPILE"), ("EVAL_ARTIFCT", "EVAL_ARTIFACT"), ("TOKENISER_PATH", "TOKENIZER_PATH"),
+])
+def test_a_knob_typo_is_an_error_with_the_suggestion(typo, meant):
+    with pytest.raises(ValueError) as exc:
+        tg.Hyperparameters(env={typo: "1"})
+    assert typo in str(exc.value) and f"did you mean {meant}?" in str(exc.value)
+
+
+def test_launcher_accelerator_and_shell_variables_are_not_knobs():
+    env = {name: "1" for name in (
+        "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
+        "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+        "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+        "TORCHINDUCTOR_MIX_ORDER_REDUCTION", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUDA_MODULE_LOADING",
+        "NCCL_DEBUG", "NCCL_NVLS_ENABLE", "PYTHONUNBUFFERED", "PYTHONPATH", "PATH", "HOME", "USER", "SHELL", "PWD",
+        "TERM", "LANG", "LC_ALL", "HOSTNAME", "NUM_THREADS", "MAX_JOBS", "DATA_DIR", "TMPDIR", "CI", "OUT",
+        "TRAINING_NOTES", "VIRTUAL_ENV", "CONDA_PREFIX", "HF_HOME", "TRITON_CACHE_DIR", "LD_LIBRARY_PATH")}
+    tg.Hyperparameters(env=env)
+
+
+def test_typo_distance():
+    assert tg.typo_distance("ITERATIONS", "ITERATIONS") == 0
+    assert tg.typo_distance("ITERATONS", "ITERATIONS") == 1
+    assert tg.typo_distance("ITERATINOS", "ITERATIONS") == 1  # two neighbours swapped
+    assert tg.typo_distance("NUM_THREADS", "NUM_HEADS") == 2
+    assert not tg.looks_like_typo("NUM_THREADS", "NUM_HEADS")
+    assert tg.looks_like_typo("MAX_WALCLOK_SECONDS", "MAX_WALLCLOCK_SECONDS")
