@@ -41,8 +41,9 @@ except ImportError:
     fa3_attention = None
 
 SIZE_LIMIT_BYTES = 16_000_000
-DEFAULT_DATA_PATH = "./data/datasets/fineweb10B_sp1024"
-DEFAULT_TOKENIZER_PATH = "./data/tokenizers/fineweb_1024_bpe.model"
+# Where the official download scripts put each vocabulary's shards and tokenizer.
+DATA_PATH_PATTERN = "./data/datasets/fineweb10B_sp{}"
+TOKENIZER_PATH_PATTERN = "./data/tokenizers/fineweb_{}_bpe.model"
 DEMO_DIR = "./demo_data"
 
 # -----------------------------
@@ -54,7 +55,7 @@ DEMO_DIR = "./demo_data"
 OWNED_PREFIXES = (
     "TRAIN_", "VAL_", "EVAL_", "SSM_", "XSA_", "GPTQ_", "MUON_", "EMA_", "ADAM_", "BIGRAM_", "VE_", "QUANT_",
     "ROPE_", "QK_", "WARMDOWN_", "WARMUP_", "MLP_", "MODEL_", "TIED_", "MATRIX_", "SCALAR_", "LOGIT_",
-    "SMEAR_", "EMBED_", "NUM_LAYER", "NUM_HEAD", "NUM_KV", "MAX_WALLCLOCK", "MIN_LR", "GRAD_CLIP", "BETA",
+    "SMEAR_", "EMBED_", "QKV_", "NUM_LAYER", "NUM_HEAD", "NUM_KV", "MAX_WALLCLOCK", "MIN_LR", "GRAD_CLIP", "BETA",
     "ITERATION", "SEED", "VOCAB", "ARTIFACT", "TOKENIZER", "DATA_PATH", "CHECKPOINT", "EXPORT_", "PASSTHROUGH",
     "TTT_",
 )
@@ -76,8 +77,14 @@ DEMO_DEFAULTS = {
     "ITERATIONS": "60", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "20",
     "SSM_LAYERS": "0", "SSM_KERNEL_SIZE": "32", "XSA_LAST_N": "4", "VE_LAYERS": "3", "BIGRAM_VOCAB_SIZE": "512",
     "BIGRAM_DIM": "32", "VE_DIM": "32", "GPTQ_CALIB_SEQS": "16", "GPTQ_RESERVE_SECONDS": "2",
-    "EVAL_BATCH_SEQS": "16", "MATRIX_LR": "0.02", "TIED_EMBED_LR": "0.03",
+    "EVAL_BATCH_SEQS": "16", "MATRIX_LR": "0.02", "TIED_EMBED_LR": "0.03", "TTT_CHUNK_TOKENS": "4096",
 }
+
+
+# Defaults that follow the vocabulary. At 8192 pieces the tied embedding alone is 4.2M values, so the small-vocabulary
+# helpers that cost the most bytes per gain go: the sp4096/sp8192 records dropped value embeddings and the bigram
+# hash (#1218, #1394); the width allocator spends what they freed.
+VOCAB_DEFAULTS = {8192: {"VE_LAYERS": "", "BIGRAM_VOCAB_SIZE": "0"}}
 
 
 def typo_distance(a: str, b: str) -> int:
@@ -105,10 +112,12 @@ class Hyperparameters:
         self._defaults = defaults or {}
         self.values: dict[str, object] = {}
 
-        # Data and run identity.
-        self.data_path = self._str("DATA_PATH", DEFAULT_DATA_PATH)
-        self.tokenizer_path = self._str("TOKENIZER_PATH", DEFAULT_TOKENIZER_PATH)
+        # Data and run identity. The vocabulary comes first: the data, the tokenizer and a few shape defaults
+        # follow it (VOCAB_DEFAULTS), so VOCAB_SIZE=8192 alone switches the whole run.
         self.vocab_size = self._int("VOCAB_SIZE", 1024, lo=2, hi=65536)
+        self._defaults = {**VOCAB_DEFAULTS.get(self.vocab_size, {}), **self._defaults}
+        self.data_path = self._str("DATA_PATH", DATA_PATH_PATTERN.format(self.vocab_size))
+        self.tokenizer_path = self._str("TOKENIZER_PATH", TOKENIZER_PATH_PATTERN.format(self.vocab_size))
         self.run_id = self._str("RUN_ID", str(uuid.uuid4()))
         self.seed = self._int("SEED", 1337, lo=0)
         self.artifact_path = self._str("ARTIFACT_PATH", "final_model.ptz")
@@ -153,6 +162,7 @@ class Hyperparameters:
         self.ve_layers = self._int_list("VE_LAYERS", "9,10")
         self.ve_dim = self._int("VE_DIM", 128, lo=1)
         self.smear_gate = self._bool("SMEAR_GATE", True)
+        self.qkv_conv_size = self._int("QKV_CONV_SIZE", 0, lo=0, hi=8)  # >1: causal conv on Q, K, V (taps incl. lag 0)
 
         # S4D-Lin mixers.
         self.ssm_layers = self._int_list("SSM_LAYERS", "0,1")
@@ -168,6 +178,7 @@ class Hyperparameters:
         # Optimizers.
         self.matrix_lr = self._float("MATRIX_LR", 0.025, lo=0.0)
         self.scalar_lr = self._float("SCALAR_LR", 0.025, lo=0.0)
+        self.ssm_lr = self._float("SSM_LR", 0.025, lo=0.0)  # the S4D kernels' own parameters (Adam, no decay)
         self.tied_embed_lr = self._float("TIED_EMBED_LR", 0.035, lo=0.0)
         self.muon_backend_steps = self._int("MUON_BACKEND_STEPS", 5, lo=1)
         self.muon_wd = self._float("MUON_WD", 0.04, lo=0.0)
@@ -197,6 +208,10 @@ class Hyperparameters:
         self.eval_batch_seqs = self._int("EVAL_BATCH_SEQS", 32, lo=1)
         self.val_max_tokens = self._int("VAL_MAX_TOKENS", 0, lo=0)  # 0 = the whole split (the official score)
         self.pre_export_sliding = self._bool("PRE_EXPORT_SLIDING", False)  # sliding score before quantization too
+        self.ttt_enabled = self._bool("TTT_ENABLED", True)  # a third, score-first test-time-training pass
+        self.ttt_lr = self._float("TTT_LR", 0.002, lo=0.0)
+        self.ttt_epochs = self._int("TTT_EPOCHS", 3, lo=1)
+        self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32_768, lo=1)
 
         self._check_consistency()
         self._check_unknown()
@@ -551,9 +566,28 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     return y.view(B, T, H, D)
 
 
+def same_document_masks(ids: Tensor, bos_id: int, lags: int) -> Tensor:
+    """[lags, B, T, 1]: 1 where token t - lag (lag 1..lags) exists and belongs to t's document (no BOS after it)."""
+    doc = torch.cumsum(ids == bos_id, dim=1)
+    return torch.stack([F.pad(doc[:, :-lag], (lag, 0), value=-1) == doc for lag in range(1, lags + 1)])[..., None]
+
+
+def short_causal_conv(x: Tensor, weight: Tensor, masks: Tensor) -> Tensor:
+    """x [B, T, C] plus sum over lag of weight[lag - 1] * x[t - lag] within the document: a residual depthwise causal
+    convolution (zero weights are the identity). A few shifted multiply-adds, which the compiler fuses into one
+    elementwise kernel."""
+    y = x
+    for lag in range(1, weight.size(0) + 1):
+        y = y + weight[lag - 1].to(x.dtype) * masks[lag - 1].to(x.dtype) * F.pad(x[:, :-lag], (0, 0, lag, 0))
+    return y
+
+
 class CausalSelfAttention(nn.Module):
+    """GQA attention with partial RoPE, q/k RMSNorm and a learned q gain; optionally XSA, and (QKV_CONV_SIZE > 1)
+    a short causal convolution on Q, K and V after their projections (Primer; Canon "B"; #966: k=3, -0.0067 bpb)."""
+
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
-                 qk_gain_init: float, use_xsa: bool, max_len: int):
+                 qk_gain_init: float, use_xsa: bool, max_len: int, conv_size: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
@@ -564,12 +598,19 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.rotary = Rotary(rope_dims, rope_base, max_len)
         self.use_xsa = use_xsa
+        # taps for lags 1..conv_size-1 of every Q, K and V channel; zero: the layer starts as plain attention
+        self.qkv_conv = nn.Parameter(torch.zeros(conv_size - 1, dim + 2 * kv_dim)) if conv_size > 1 else None
 
-    def forward(self, x: Tensor, value_embed: Tensor | None = None) -> Tensor:
-        B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x)
+    def forward(self, x: Tensor, value_embed: Tensor | None = None, conv_masks: Tensor | None = None) -> Tensor:
+        B, T, dim = x.shape
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if self.qkv_conv is not None:
+            kv_dim = k.size(-1)
+            q = short_causal_conv(q, self.qkv_conv[:, :dim], conv_masks)
+            k = short_causal_conv(k, self.qkv_conv[:, dim:dim + kv_dim], conv_masks)
+            v = short_causal_conv(v, self.qkv_conv[:, dim + kv_dim:], conv_masks)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
         if value_embed is not None:
             v = v + value_embed
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
@@ -690,7 +731,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1)
         self.attn = CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.rope_dims, args.rope_base,
-                                        args.qk_gain_init, use_xsa, max_len) if use_attention else None
+                                        args.qk_gain_init, use_xsa, max_len, args.qkv_conv_size) \
+            if use_attention else None
         self.ssm = S4DLinMixer(dim, args.ssm_kernel, args.ssm_kernel_size, args.ssm_state_dim,
                                (args.ssm_dt_min, args.ssm_dt_max),
                                (args.ssm_rate_min, args.ssm_rate_max)) if use_ssm else None
@@ -700,14 +742,14 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, conv_masks: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x) * self.ln_scale
         if self.attn is not None and self.ssm is not None:
-            mixed = self.attn(h, value_embed) + torch.sigmoid(self.ssm_gate).to(x.dtype) * self.ssm(h)
+            mixed = self.attn(h, value_embed, conv_masks) + torch.sigmoid(self.ssm_gate).to(x.dtype) * self.ssm(h)
         elif self.attn is not None:
-            mixed = self.attn(h, value_embed)
+            mixed = self.attn(h, value_embed, conv_masks)
         else:
             mixed = self.ssm(h)
         x = x + self.mix_scale.to(x.dtype) * mixed
@@ -757,7 +799,7 @@ class GPT(nn.Module):
         super().__init__()
         dim, n = args.model_dim, args.num_layers
         max_len = max(args.train_seq_len, args.eval_seq_len)
-        self.logit_softcap = args.logit_softcap
+        self.logit_softcap, self.bos_id, self.conv_size = args.logit_softcap, bos_id, args.qkv_conv_size
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         self.bigram = BigramHashEmbedding(args.bigram_vocab_size, args.bigram_dim, dim, bos_id) \
             if args.bigram_vocab_size >= 2 else None
@@ -799,12 +841,13 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x0 = x
         ve = self.ve_proj(self.ve_table(ids)) if self.ve_layers else None
+        masks = same_document_masks(ids, self.bos_id, self.conv_size - 1) if self.conv_size > 1 else None
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
             slot = self.ve_layers.get(i)
-            x = block(x, x0, None if slot is None else ve * self.ve_scales[slot].to(x.dtype))
+            x = block(x, x0, None if slot is None else ve * self.ve_scales[slot].to(x.dtype), masks)
             if i < self.num_encoder:
                 skips.append(x)
         return rms_norm(x)
@@ -940,11 +983,15 @@ def build_optimizers(model: GPT, args: Hyperparameters, orthogonalize=None, rank
     matrices, embeddings, scalars = split_parameters(model)
     fused = next(model.parameters()).is_cuda
     adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
+    kernels = {id(p) for m in model.modules() if isinstance(m, S4DLinMixer)
+               for name, p in m.named_parameters() if not name.startswith(("in_proj.", "out_proj."))}
+    scalar_groups = [{"params": [p for p in scalars if id(p) not in kernels], "lr": args.scalar_lr},
+                     {"params": [p for p in scalars if id(p) in kernels], "lr": args.ssm_lr}]
     optimizers = [
         Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_wd, orthogonalize,
              rank, world_size),
         torch.optim.AdamW(embeddings, lr=args.tied_embed_lr, weight_decay=args.adam_wd, **adam),
-        torch.optim.AdamW(scalars, lr=args.scalar_lr, weight_decay=0.0, **adam),
+        torch.optim.AdamW([g for g in scalar_groups if g["params"]], weight_decay=0.0, **adam),
     ]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -1011,8 +1058,8 @@ ARTIFACT_MAGIC = b"S4DXSA3\n"
 # Knobs an artifact or checkpoint fixes: evaluating it rebuilds the model from these, whatever the environment says.
 MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
               "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
-              "BIGRAM_DIM", "VE_LAYERS", "VE_DIM", "SMEAR_GATE", "SSM_LAYERS", "SSM_MODE", "SSM_KERNEL",
-              "SSM_KERNEL_SIZE", "SSM_STATE_DIM")
+              "BIGRAM_DIM", "VE_LAYERS", "VE_DIM", "SMEAR_GATE", "QKV_CONV_SIZE", "SSM_LAYERS", "SSM_MODE",
+              "SSM_KERNEL", "SSM_KERNEL_SIZE", "SSM_STATE_DIM")
 CHECKPOINT_FORMAT = "s4d_xsa_checkpoint_v1"
 GPTQ_CALIB_MICRO_SEQS = 8  # calibration runs eager forward and backward passes: small batches keep memory low
 # Clip levels (fractions of a row's max) searched for each row's scale. A finer clip costs bits after compression,
@@ -1375,8 +1422,9 @@ def submission_bytes(code: bytes, model_blob: bytes) -> dict[str, int | bool]:
 
 
 # -----------------------------
-# EVALUATION
+# EVALUATION (AND SCORE-FIRST TEST-TIME TRAINING)
 # -----------------------------
+TTT_MOMENTUM = 0.9  # SGD momentum of test-time training, as in the records that used it (#549, #1413)
 
 
 def plan_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1397,40 +1445,124 @@ def plan_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarra
 
 
 @torch.no_grad()
-def evaluate(token_losses, val: dict, seq_len: int, stride: int, batch_seqs: int, rank: int, world_size: int,
-             device: torch.device, use_autocast: bool) -> tuple[float, float, int]:
-    """(val_loss nats/token, val_bpb, tokens scored) over the whole validation stream."""
+def score_windows(token_losses, val: dict, starts: np.ndarray, firsts: np.ndarray, seq_len: int, batch_seqs: int,
+                  device: torch.device, use_autocast: bool, sums: Tensor, per_target: Tensor | None) -> None:
+    """Add the loss, target count and target bytes of the scored positions of these windows to `sums` (and each
+    target's loss to `per_target`, when given)."""
     tokens, target_bytes = val["tokens"], val["target_bytes"]
-    num_targets = tokens.numel() - 1
-    seq_len = min(seq_len, num_targets)
-    starts, firsts = plan_windows(num_targets, seq_len, min(stride, seq_len) if stride else seq_len)
-    per_rank = -(-len(starts) // world_size)
-    lo, hi = rank * per_rank, min(len(starts), (rank + 1) * per_rank)
     offsets = torch.arange(seq_len, device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
-    for b0 in range(lo, hi, batch_seqs):
-        idx = np.arange(b0, min(b0 + batch_seqs, hi))
-        s = torch.from_numpy(starts[idx]).to(device)
-        f = torch.from_numpy(firsts[idx]).to(device)
-        if len(idx) < batch_seqs:  # keep one static shape for the compiled graph: pad with unscored windows
-            pad = batch_seqs - len(idx)
+    for b0 in range(0, len(starts), batch_seqs):
+        s = torch.from_numpy(starts[b0:b0 + batch_seqs]).to(device)
+        f = torch.from_numpy(firsts[b0:b0 + batch_seqs]).to(device)
+        if s.numel() < batch_seqs:  # keep one static shape for the compiled graph: pad with unscored windows
+            pad = batch_seqs - s.numel()
             s = torch.cat((s, s[-1:].expand(pad)))
             f = torch.cat((f, torch.full((pad,), seq_len, device=device, dtype=f.dtype)))
         pos = s[:, None] + offsets[None, :]
-        x, y = tokens[pos], tokens[pos + 1]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            losses = token_losses(x, y)
+            losses = token_losses(tokens[pos], tokens[pos + 1])
         mask = offsets[None, :] >= f[:, None]  # multiplied, not indexed: boolean indexing would sync the host
         sums[0] += (losses.double() * mask).sum()
         sums[1] += mask.sum()
         sums[2] += (target_bytes[pos] * mask).sum()
+        if per_target is not None:
+            per_target.index_put_((pos[mask],), losses.double()[mask], accumulate=True)
+
+
+def finish_scores(sums: Tensor, num_targets: int, world_size: int, per_target: Tensor | None) -> tuple[float, float, int]:
+    """All-reduce the sums over ranks; (val_loss nats/token, val_bpb, targets scored), checking each target once."""
     if world_size > 1:
         dist.all_reduce(sums)
+        if per_target is not None:
+            dist.all_reduce(per_target)
     loss_sum, count, byte_count = sums.tolist()
     if int(count) != num_targets:
         raise RuntimeError(f"evaluation scored {int(count)} targets, expected each of {num_targets} exactly once")
     val_loss = loss_sum / count
     return val_loss, val_loss / math.log(2) * count / byte_count, int(count)
+
+
+def rank_share(n: int, rank: int, world_size: int) -> slice:
+    per_rank = -(-n // world_size)
+    return slice(min(n, rank * per_rank), min(n, (rank + 1) * per_rank))
+
+
+def evaluate(token_losses, val: dict, seq_len: int, stride: int, batch_seqs: int, rank: int, world_size: int,
+             device: torch.device, use_autocast: bool, per_target: Tensor | None = None) -> tuple[float, float, int]:
+    """(val_loss nats/token, val_bpb, targets scored) over the whole validation stream, with fixed weights."""
+    num_targets = val["tokens"].numel() - 1
+    seq_len = min(seq_len, num_targets)
+    starts, firsts = plan_windows(num_targets, seq_len, min(stride, seq_len) if stride else seq_len)
+    mine = rank_share(len(starts), rank, world_size)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
+    score_windows(token_losses, val, starts[mine], firsts[mine], seq_len, batch_seqs, device, use_autocast, sums,
+                  per_target)
+    return finish_scores(sums, num_targets, world_size, per_target)
+
+
+def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, rank: int, world_size: int,
+                 device: torch.device, use_autocast: bool,
+                 per_target: Tensor | None = None) -> tuple[float, float, int, dict]:
+    """Score-first test-time training over sliding windows (EVAL_STRIDE). The windows are grouped in order into
+    chunks of about TTT_CHUNK_TOKENS scored targets. Each chunk is scored with the current weights first; then,
+    unless it is the last, every weight trains on the chunk's targets, which are all scored by then: TTT_EPOCHS
+    passes of SGD (momentum 0.9, gradient norm clipped to 1, learning rate TTT_LR on a cosine over the chunks), the
+    gradient summed over ranks, so every rank takes the same step. The adapted weights carry on to the next chunk
+    and across documents; nothing is reset. Returns (val_loss, val_bpb, targets, what adapted on what)."""
+    tokens = val["tokens"]
+    num_targets = tokens.numel() - 1
+    seq_len = min(args.eval_seq_len, num_targets)
+    starts, firsts = plan_windows(num_targets, seq_len, min(args.eval_stride or seq_len, seq_len))
+    first_target = starts + firsts
+    chunk_of = first_target // args.ttt_chunk_tokens
+    chunks = np.split(np.arange(len(starts)), np.flatnonzero(np.diff(chunk_of)) + 1)
+    bounds = [(int(first_target[w[0]]), int(starts[w[-1]]) + seq_len) for w in chunks]  # scored targets [lo, end)
+    seqs_per_rank = -(-max(-(-(end - lo) // seq_len) for lo, end in bounds) // world_size)  # one compiled shape
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=args.ttt_lr, momentum=TTT_MOMENTUM)
+    offsets = torch.arange(seq_len, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    updates = trained_targets = late = 0
+    for c, windows in enumerate(chunks):
+        mine = windows[rank_share(len(windows), rank, world_size)]
+        score_windows(token_losses, val, starts[mine], firsts[mine], seq_len, args.eval_batch_seqs, device,
+                      use_autocast, sums, per_target)
+        lo, scored_end = bounds[c]  # every target below scored_end is scored now, on every rank
+        if c == len(chunks) - 1:
+            break
+        # sequences of seq_len targets ending at the chunk's end and tiling it backwards (the earliest may reach
+        # into targets scored before the chunk: also already scored)
+        seq_starts = [max(0, scored_end - k * seq_len) for k in range(1, -(-(scored_end - lo) // seq_len) + 1)]
+        late += int(max(s + seq_len for s in seq_starts) > scored_end)  # a target not yet scored: never, by design
+        share = seq_starts[rank_share(len(seq_starts), rank, world_size)]
+        weight = torch.zeros(seqs_per_rank, 1, device=device)
+        weight[:len(share)] = 1.0 / (len(seq_starts) * seq_len)  # the chunk's mean loss, summed over ranks
+        s = torch.tensor((share + [0] * seqs_per_rank)[:seqs_per_rank], device=device)
+        pos = s[:, None] + offsets[None, :]
+        for group in optimizer.param_groups:
+            group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 2, 1)))
+        for _ in range(args.ttt_epochs):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                loss = (token_losses(tokens[pos], tokens[pos + 1]) * weight).sum()
+            loss.backward()
+            if world_size > 1:
+                grads = torch.cat([p.grad.reshape(-1) for p in params])
+                dist.all_reduce(grads)
+                offset = 0
+                for p in params:
+                    p.grad.copy_(grads[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            updates += 1
+        trained_targets += len(seq_starts) * seq_len
+    loss, bpb, count = finish_scores(sums, num_targets, world_size, per_target)
+    facts = {"method": "score-first chunked SGD on all weights", "chunks": len(chunks), "updates": updates,
+             "trained_targets_per_epoch": trained_targets, "chunk_tokens": args.ttt_chunk_tokens,
+             "epochs": args.ttt_epochs, "lr": args.ttt_lr, "updates_on_unscored_targets": late,
+             "score_first": late == 0}
+    return loss, bpb, count, facts
 
 
 # -----------------------------
@@ -1583,7 +1715,8 @@ def start_run(log: RunLog, code: bytes, place: tuple[bool, int, int, int]) -> Ru
     """SET-UP: the knobs (an artifact or checkpoint fixes the model's shape), the device, the process group, and
     the head of the log. A configuration error stops the run here, before any data or model work."""
     use_cuda = torch.cuda.is_available()
-    demo = not use_cuda and "DATA_PATH" not in os.environ and not os.path.isdir(DEFAULT_DATA_PATH)
+    default_data = DATA_PATH_PATTERN.format(os.environ.get("VOCAB_SIZE", "1024"))
+    demo = not use_cuda and "DATA_PATH" not in os.environ and not os.path.isdir(default_data)
     defaults = dict(DEMO_DEFAULTS if demo else {}, RUN_ID=log.run_id)
     eval_artifact, export_checkpoint = os.environ.get("EVAL_ARTIFACT", ""), os.environ.get("EXPORT_CHECKPOINT", "")
     env, source, overridden = dict(os.environ), None, []
@@ -1614,7 +1747,7 @@ def start_run(log: RunLog, code: bytes, place: tuple[bool, int, int, int]) -> Ru
     if run.use_cuda:
         log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
     if demo:
-        log(f"demo: no CUDA device and no data at {DEFAULT_DATA_PATH}: the embedded demo (self-generated text and "
+        log(f"demo: no CUDA device and no data at {default_data}: the embedded demo (self-generated text and "
             f"tokenizer in {DEMO_DIR}, a small model, {args.iterations} steps on the CPU)")
     log("hyperparameters:")
     for name, value in args.values.items():
@@ -1996,7 +2129,8 @@ def artifact_tag(artifact: dict) -> str:
 
 def final_evaluation(run: Run, base_model: GPT) -> dict:
     """Dequantize the artifact over every tensor of the model, then score the whole validation stream:
-    non-overlapping windows, then sliding windows (the headline). Every target is scored once."""
+    non-overlapping windows, sliding windows, then (TTT_ENABLED=1) sliding windows with score-first test-time
+    training. Each pass scores every target once; the last one is the headline."""
     args, log = run.args, run.log
     base_model.load_state_dict(dequantize_state(run.artifact), strict=True)
     results = {}
@@ -2013,6 +2147,22 @@ def final_evaluation(run: Run, base_model: GPT) -> dict:
             f"tokens:{count} eval_time:{1000 * seconds:.0f}ms")
         log(f"{tag}_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         results[label] = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": seconds}
+    if args.ttt_enabled:  # last: it changes the weights
+        run.sync()
+        t0 = time.perf_counter()
+        loss, bpb, count, facts = evaluate_ttt(base_model, run.token_losses, run.val, args, run.rank, run.world_size,
+                                               run.device, run.use_cuda)
+        run.sync()
+        seconds = time.perf_counter() - t0
+        log(f"ttt: every weight adapted on the validation stream, in order, each chunk scored before the model "
+            f"trained on it: {facts['chunks']} chunks of ~{args.ttt_chunk_tokens} targets, {args.ttt_epochs} SGD "
+            f"passes each (lr {args.ttt_lr:g}, cosine over the chunks), {facts['updates']} updates; updates on "
+            f"targets not yet scored: {facts['updates_on_unscored_targets']} score_first:{facts['score_first']}")
+        log(f"{tag}_ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} seq_len:{args.eval_seq_len} "
+            f"stride:{args.eval_stride or args.eval_seq_len} tokens:{count} eval_time:{1000 * seconds:.0f}ms")
+        log(f"{tag}_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+        results["ttt"] = dict(facts, val_loss=loss, val_bpb=bpb, eval_seconds=seconds)
+        base_model.load_state_dict(dequantize_state(run.artifact), strict=True)
     return results
 
 
@@ -2044,19 +2194,21 @@ def record_validity(run: Run, results: dict) -> None:
     """The run's facts: scores, sizes, timings and the validity flags, all from what this run measured."""
     args, log = run.args, run.log
     training = run.checkpoint["facts"] if run.checkpoint is not None else {}
-    headline = results.get("sliding_window", results["roundtrip"])
+    headline = results.get("ttt", results.get("sliding_window", results["roundtrip"]))
     eval_seconds = sum(r["eval_seconds"] for r in results.values())
     sizes = submission_bytes(run.code, run.artifact_blob)
     measured = dict(training, max_wallclock_seconds=training.get("max_wallclock_seconds"),
                     val_max_tokens=args.val_max_tokens, eval_seconds=eval_seconds,
-                    bytes_total=sizes["bytes_total"], score_first=True)
+                    bytes_total=sizes["bytes_total"], score_first=results.get("ttt", {}).get("score_first", True))
     flags, broken = assess_validity(measured)
     cal = (f"{training['calibration_seqs']} training sequences, {training['calibration_ms']:.0f} ms, "
            f"{'inside' if training['calibration_within_wallclock'] else 'outside'} the training wall clock"
            if training else "not part of this run")
     log.update(status="evaluated", val_loss=headline["val_loss"], val_bpb=headline["val_bpb"], results=results,
                eval_time_seconds=eval_seconds, **sizes, valid=not broken, broken_rules=broken,
-               compliance=dict(flags, calibration=cal, test_time_adaptation="none"),
+               compliance=dict(flags, calibration=cal, test_time_adaptation=(
+                   f"{results['ttt']['method']}, each chunk scored before training on it" if "ttt" in results
+                   else "none")),
                hardware=f"{run.world_size}x {torch.cuda.get_device_name(run.device) if run.use_cuda else 'CPU'}",
                pytorch_version=torch.__version__, config={k: env_string(v) for k, v in args.values.items()})
     log(f"submission_facts:{log.json} valid:{not broken}" + (f" broke: {'; '.join(broken)}" if broken else ""))

@@ -182,3 +182,28 @@ def test_official_tokenizer_bytes_of_the_enwiki_val_shard(tmp_path):
     luts = tg.build_sentencepiece_luts(tg.load_tokenizer(str(model), 1024))
     assert tokens.size == 3_884_048
     assert int(tg.target_byte_counts(tokens, luts).sum()) == 9_755_837
+
+
+def test_official_sp8192_tokenizer_bytes_of_the_enwiki_val_shard(tmp_path):
+    """The same text with the official 8192-piece tokenizer: 2,702,855 tokens and 9,774,711 bytes by the official
+    rule. Unlike sp1024 it has 256 byte-fallback pieces (ids 4-259), each one byte; the shards are reproduced by
+    decoding and encoding again, which load_evaluation_data checks."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    shard_xz = shared / "enwiki2015_sp8192" / "fineweb_val_000000.bin.xz"
+    model = shared / "tokenizers" / "fineweb_8192_bpe.model"
+    if not (shard_xz.is_file() and model.is_file()):
+        pytest.skip("the enwiki sp8192 shards and the official tokenizer are not beside this checkout")
+    (tmp_path / "fineweb_val_000000.bin").write_bytes(lzma.decompress(shard_xz.read_bytes()))
+    tokens = tg.load_validation_tokens(str(tmp_path))
+    sp = tg.load_tokenizer(str(model), 8192)
+    base_bytes, has_space, is_boundary = luts = tg.build_sentencepiece_luts(sp)
+    byte_pieces = [i for i in range(8192) if sp.is_byte(i)]
+    assert byte_pieces == list(range(4, 260)) and (base_bytes[byte_pieces] == 1).all()
+    assert not has_space[byte_pieces].any() and not is_boundary[byte_pieces].any()
+    assert tokens.size == 2_702_855
+    assert int(tg.target_byte_counts(tokens, luts).sum()) == 9_774_711
+    assert tg.check_tokenizer_matches(sp, tokens, str(model)) > 0
+    # a character outside the merges: its UTF-8 bytes through byte fallback, one byte per piece
+    ids = sp.encode("\u2603")
+    assert all(sp.is_byte(i) for i in ids[-3:])
+    assert int(tg.target_byte_counts(np.array([1] + ids), luts).sum()) == len("\u2603".encode())

@@ -203,3 +203,14 @@ def test_plan_windows_non_overlapping_when_stride_is_seq_len():
 def test_plan_windows_rejects_a_stride_outside_the_window(stride):
     with pytest.raises(ValueError, match="stride"):
         tg.plan_windows(100, 32, stride)
+
+
+def test_the_vocabulary_switches_data_tokenizer_and_shape_defaults():
+    a = tg.Hyperparameters(env={"VOCAB_SIZE": "8192"})
+    assert a.data_path == "./data/datasets/fineweb10B_sp8192"
+    assert a.tokenizer_path == "./data/tokenizers/fineweb_8192_bpe.model"
+    assert a.ve_layers == () and a.bigram_vocab_size == 0
+    # the environment still wins, and sp1024 keeps the record-class helpers
+    assert tg.Hyperparameters(env={"VOCAB_SIZE": "8192", "VE_LAYERS": "9"}).ve_layers == (9,)
+    b = tg.Hyperparameters(env={})
+    assert b.data_path.endswith("fineweb10B_sp1024") and b.ve_layers == (9, 10) and b.bigram_vocab_size == 2048

@@ -505,3 +505,105 @@ def test_configure_inductor_turns_mix_order_reduction_off_unless_the_user_set_it
     with torch._inductor.config.patch({"triton.mix_order_reduction": True}):
         monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", "1")
         assert tg.configure_inductor() == "inductor: mix_order_reduction:True"
+
+
+# ---------------------------------------------------------------- short causal convolution on Q, K, V
+
+
+def direct_short_conv(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """y[t] = x[t] + sum_lag weight[lag - 1] * x[t - lag] over lags inside t's document, as loops."""
+    y = x.clone()
+    for b in range(x.size(0)):
+        for t in range(x.size(1)):
+            for lag in range(1, weight.size(0) + 1):
+                s = t - lag
+                if s < 0 or (ids[b, s + 1:t + 1] == 1).any():  # no BOS between the source and t (t included)
+                    continue
+                y[b, t] += weight[lag - 1] * x[b, s]
+    return y
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_short_causal_conv_matches_its_definition_and_masks_documents(size):
+    gen = torch.Generator().manual_seed(size)
+    ids = make_ids(seed=size, bos_positions=(0, 5, 6, 16))
+    x = torch.randn(2, T, 12, generator=gen)
+    weight = torch.randn(size - 1, 12, generator=gen)
+    masks = tg.same_document_masks(ids, 1, size - 1)
+    torch.testing.assert_close(tg.short_causal_conv(x, weight, masks), direct_short_conv(x, weight, ids))
+    # orientation: weight[0] multiplies the previous token, not the next
+    one = torch.zeros(size - 1, 12)
+    one[0] = 1.0
+    y = tg.short_causal_conv(x, one, tg.same_document_masks(torch.full_like(ids, 7), 1, size - 1))
+    torch.testing.assert_close(y[:, 1:], x[:, 1:] + x[:, :-1])
+    torch.testing.assert_close(y[:, 0], x[:, 0])
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_qkv_conv_is_causal_does_not_cross_bos_and_starts_as_identity(size):
+    args = tiny_args(QKV_CONV_SIZE=size)
+    torch.manual_seed(0)
+    plain = tg.GPT(tiny_args())
+    model = tg.GPT(args)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    convs = [b.attn.qkv_conv for b in model.blocks if b.attn is not None]
+    assert convs and all(c.shape == (size - 1, 64 + 2 * 32) and not c.any() for c in convs)
+    ids = make_ids(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden(ids), plain.hidden(ids))  # zero taps: plain attention
+    randomize_(model)
+    model.eval()
+    with torch.no_grad():
+        h0 = model.hidden(ids)
+        saved = [c.clone() for c in convs]
+        for c in convs:
+            c.zero_()
+        assert (model.hidden(ids) - h0).abs().max() > 1e-3  # the convolution carries signal
+        for c, s in zip(convs, saved):
+            c.copy_(s)
+        for t in (1, 8, 15, 17, 30):
+            h1 = model.hidden(changed(ids, t))
+            torch.testing.assert_close(h1[:, :t], h0[:, :t], atol=2e-5, rtol=0)
+    # BOS masking: the convolved Q, K and V of a document's first token (and after) ignore the previous document
+    attn = model.blocks[3].attn
+    masks = tg.same_document_masks(ids, 1, size - 1)
+    x = torch.randn(2, T, 64)
+    x2 = x.clone()
+    x2[:, 15] += 1.0  # the last token of the first document (position 16 is BOS)
+    with torch.no_grad():
+        for proj, lo, hi in ((attn.c_q, 0, 64), (attn.c_k, 64, 96), (attn.c_v, 96, 128)):
+            conv = lambda inp: tg.short_causal_conv(proj(inp), attn.qkv_conv[:, lo:hi], masks)  # noqa: E731
+            torch.testing.assert_close(conv(x2)[:, 16:], conv(x)[:, 16:], atol=0, rtol=0)
+            assert (conv(x2)[:, 15] - conv(x)[:, 15]).abs().max() > 1e-3
+        torch.testing.assert_close(attn(x2, None, masks)[:, :15], attn(x, None, masks)[:, :15], atol=0, rtol=0)
+
+
+def test_qkv_conv_taps_pass_through_the_artifact():
+    args = tiny_args(QKV_CONV_SIZE=3, QUANT_ALLOC=0)
+    torch.manual_seed(0)
+    model = randomize_(tg.GPT(args))
+    batches = [(torch.randint(0, VOCAB, (2, 32)), torch.randint(0, VOCAB, (2, 32))) for _ in range(2)]
+    artifact, _ = tg.quantize_model(model, tg.collect_calibration(model, batches, torch.device("cpu"), False), args, 0,
+                                    torch.device("cpu"))
+    back = tg.deserialize_artifact(tg.serialize_artifact(artifact))
+    assert back["config"]["QKV_CONV_SIZE"] == "3"
+    for i, block in enumerate(model.blocks):
+        if block.attn is not None:
+            name = f"blocks.{i}.attn.qkv_conv"
+            assert name not in back["tensors"] and name in back["passthrough"]
+            kept = back["passthrough"][name].float()
+            assert (kept - block.attn.qkv_conv.detach()).abs().max() <= 1e-3 * block.attn.qkv_conv.abs().max()
+    fresh = tg.GPT(tg.Hyperparameters(env=dict(back["config"])))
+    fresh.load_state_dict(tg.dequantize_state(back), strict=True)
+
+
+def test_s4d_kernel_parameters_get_their_own_learning_rate():
+    args = tiny_args(SSM_KERNEL="s4d", SSM_LR=0.001, SCALAR_LR=0.02)
+    model = tg.GPT(args)
+    adam = tg.build_optimizers(model, args)[2]
+    kernel_params = {id(p) for b in model.blocks if b.ssm is not None
+                     for n, p in b.ssm.named_parameters() if not n.startswith(("in_proj", "out_proj"))}
+    assert len(kernel_params) == 2 * 5
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in adam.param_groups}
+    assert by_lr[0.001] == kernel_params and not by_lr[0.02] & kernel_params
+    assert all(g["weight_decay"] == 0 for g in adam.param_groups)
