@@ -84,7 +84,7 @@ DEMO_DEFAULTS = {
 # Defaults that follow the vocabulary. At 8192 pieces the tied embedding alone is 4.2M values, so the small-vocabulary
 # helpers that cost the most bytes per gain go: the sp4096/sp8192 records dropped value embeddings and the bigram
 # hash (#1218, #1394); the width allocator spends what they freed.
-VOCAB_DEFAULTS = {8192: {"VE_LAYERS": "", "BIGRAM_VOCAB_SIZE": "0"}}
+VOCAB_DEFAULTS = {8192: {"VE_LAYERS": "", "BIGRAM_VOCAB_SIZE": "0", "TTT_LR": "0.005"}}  # TTT_LR: #1413 at sp8192
 
 
 def typo_distance(a: str, b: str) -> int:
@@ -1546,11 +1546,12 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
                 loss = (token_losses(tokens[pos], tokens[pos + 1]) * weight).sum()
             loss.backward()
             if world_size > 1:
-                grads = torch.cat([p.grad.reshape(-1) for p in params])
+                grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                   for p in params])
                 dist.all_reduce(grads)
                 offset = 0
                 for p in params:
-                    p.grad.copy_(grads[offset:offset + p.numel()].view_as(p))
+                    p.grad = grads[offset:offset + p.numel()].view_as(p)
                     offset += p.numel()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

@@ -1,36 +1,52 @@
 #!/bin/bash
-# Proxy measurements on a GPU machine (protocols in the README): source this file, then call
-#   setup_data                      unpack the enwiki shards in .data/ (xz) into /tmp/enwiki
-#   s786 GPU RUN_ID [VAR=VALUE...]  throughput at the competition shape (40 steps, 786,432 tokens/step)
-#   p150 GPU RUN_ID [VAR=VALUE...]  quality at 150 s of training on one GPU (131,072 tokens/step)
-#   p400 GPU RUN_ID [VAR=VALUE...]  the same at 400 s; with a cold compile it needs ~9.5 of a call's 10 minutes,
-#                                   so run it as a pair with nothing else on the host
-# Each run writes logs/RUN_ID.txt and logs/RUN_ID.json; VAR=VALUE pairs select the variant. A run is stopped after
-# $LIMIT seconds (default 590), so a call with several runs always ends inside its time. SCRIPT=other.py runs another
-# version of the script (an A/B of two revisions side by side); its logs land in logs/ as usual.
-export PYTHONUNBUFFERED=1 DATA_PATH=/tmp/enwiki TOKENIZER_PATH=/tmp/enwiki/fineweb_1024_bpe.model
+# Proxy measurements on a GPU machine (protocols in ../shared/PROXY.md). Source this file, then call
+#   setup_data                         unpack .data/ (sp8192 train shards and val, both tokenizers) into
+#                                      /tmp/sp8192, and re-encode the same text with sp1024 into /tmp/enwiki
+#   p360 GPU RUN_ID [VAR=VALUE...]     quality: 360 s of training at the competition batch (786,432 tokens/step)
+#   p150 GPU RUN_ID [VAR=VALUE...]     the same at 150 s and 131,072 tokens/step (a short horizon)
+#   s786 GPU RUN_ID [VAR=VALUE...]     throughput: 40 steps at the competition shape, no evaluation to speak of
+#   again GPU RUN_ID CKPT [VAR=...]    export a saved checkpoint again (EXPORT_CHECKPOINT) and evaluate it: export
+#                                      and evaluation variants on the same trained weights
+# VOCAB_SIZE=8192 among the VAR=VALUE pairs selects the sp8192 data. Each run writes logs/RUN_ID.{txt,json}, which
+# are then packed into $OUT/logs.tgz (when $OUT is set). A run is stopped after $LIMIT seconds (default 590).
+# SCRIPT=other.py runs another revision of the script, for an A/B of two revisions.
+export PYTHONUNBUFFERED=1
+mkdir -p logs /tmp/ckpt && touch /tmp/proxy.start
 
-setup_data() {  # .data/ holds fineweb_{train,val}_*.bin.xz shards and fineweb_1024_bpe.model
-    mkdir -p /tmp/enwiki
-    for f in .data/*.bin.xz; do xz -dc "$f" > "/tmp/enwiki/$(basename "$f" .xz)" & done
+setup_data() {
+    mkdir -p /tmp/sp8192 /tmp/enwiki
+    for f in .data/fineweb_*.bin.xz; do xz -dc "$f" > "/tmp/sp8192/$(basename "$f" .xz)" & done
     wait
-    cp .data/*.model /tmp/enwiki/
+    cp .data/fineweb_8192_bpe.model /tmp/sp8192/ && cp .data/fineweb_1024_bpe.model /tmp/enwiki/
+    for split in train val; do
+        python3 scripts/retokenize.py /tmp/sp8192 /tmp/sp8192/fineweb_8192_bpe.model /tmp/enwiki \
+            /tmp/enwiki/fineweb_1024_bpe.model --split $split
+    done
 }
 
-s786() {
-    local gpu=$1 run_id=$2; shift 2
-    env CUDA_VISIBLE_DEVICES="$gpu" RUN_ID="$run_id" ARTIFACT_PATH="/tmp/$run_id.ptz" ITERATIONS=40 WARMUP_STEPS=3 \
-        MAX_WALLCLOCK_SECONDS=0 TRAIN_BATCH_TOKENS=786432 TRAIN_SEQ_LEN=2048 TRAIN_LOG_EVERY=10 \
-        VAL_MAX_TOKENS=131072 EVAL_STRIDE=0 "$@" timeout "${LIMIT:-590}" python3 "${SCRIPT:-train_gpt.py}" > "/tmp/$run_id.out" 2>&1
+_data_for() {  # DATA_PATH and TOKENIZER_PATH for the VOCAB_SIZE among the arguments (1024 unless given)
+    local vocab=1024 a
+    for a in "$@"; do case "$a" in VOCAB_SIZE=*) vocab=${a#VOCAB_SIZE=};; esac; done
+    if [ "$vocab" = 8192 ]; then echo "DATA_PATH=/tmp/sp8192 TOKENIZER_PATH=/tmp/sp8192/fineweb_8192_bpe.model"
+    else echo "DATA_PATH=/tmp/enwiki TOKENIZER_PATH=/tmp/enwiki/fineweb_1024_bpe.model"; fi
 }
 
-p150() {
+_run() {  # GPU RUN_ID VAR=VALUE...: one run under the time limit, then its logs into $OUT/logs.tgz
     local gpu=$1 run_id=$2; shift 2
-    env CUDA_VISIBLE_DEVICES="$gpu" RUN_ID="$run_id" ARTIFACT_PATH="/tmp/$run_id.ptz" MAX_WALLCLOCK_SECONDS=150 \
-        TRAIN_BATCH_TOKENS=131072 TRAIN_SEQ_LEN=2048 "$@" timeout "${LIMIT:-590}" python3 "${SCRIPT:-train_gpt.py}" > "/tmp/$run_id.out" 2>&1
+    env CUDA_VISIBLE_DEVICES="$gpu" RUN_ID="$run_id" ARTIFACT_PATH="/tmp/$run_id.ptz" \
+        CHECKPOINT_PATH="/tmp/ckpt/$run_id.pt" $(_data_for "$@") "$@" \
+        timeout "${LIMIT:-590}" python3 "${SCRIPT:-train_gpt.py}" > "/tmp/$run_id.out" 2>&1
+    echo "$run_id exit $? $(grep -h '^submission_facts\|^ERROR' "logs/$run_id.txt" 2>/dev/null | cut -c1-200)"
+    if [ -n "$OUT" ]; then  # every log written since this file was sourced
+        (flock 9; find logs -newer /tmp/proxy.start -type f | tar czf "$OUT/logs.tgz" -T -) 9>/tmp/out.lock
+    fi
 }
 
-p400() {
-    local gpu=$1 run_id=$2; shift 2
-    p150 "$gpu" "$run_id" MAX_WALLCLOCK_SECONDS=400 "$@"
-}
+p360() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" MAX_WALLCLOCK_SECONDS=360 TRAIN_BATCH_TOKENS=786432 \
+    TRAIN_SEQ_LEN=2048 "$@"; }
+p150() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" MAX_WALLCLOCK_SECONDS=150 TRAIN_BATCH_TOKENS=131072 \
+    TRAIN_SEQ_LEN=2048 "$@"; }
+s786() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" ITERATIONS=40 WARMUP_STEPS=3 MAX_WALLCLOCK_SECONDS=0 \
+    TRAIN_BATCH_TOKENS=786432 TRAIN_SEQ_LEN=2048 TRAIN_LOG_EVERY=10 VAL_MAX_TOKENS=131072 EVAL_STRIDE=0 \
+    TTT_ENABLED=0 CHECKPOINT_PATH= "$@"; }
+again() { local gpu=$1 id=$2 ckpt=$3; shift 3; _run "$gpu" "$id" EXPORT_CHECKPOINT="$ckpt" "$@"; }
