@@ -124,7 +124,8 @@ def test_defaults_are_the_competition_configuration():
     assert a.ssm_layers == (0, 1) and a.ssm_mode == "replace"
     assert a.train_batch_tokens == 786_432 and a.train_seq_len == 2048
     assert a.max_wallclock_seconds == 600 and a.quant_bits == 5 and a.eval_stride == 64
-    assert a.vocab_size == 1024 and a.eval_seq_len == 2048 and a.val_max_tokens == 0
+    assert a.vocab_size == 8192 and a.eval_seq_len == 2048 and a.val_max_tokens == 0
+    assert a.quant_alloc and a.quant_target_bytes <= 16_000_000 and a.ttt_enabled
     assert a.values["NUM_LAYERS"] == 11 and a.values["SSM_LAYERS"] == (0, 1)
     # fractions of the run, not step counts
     assert 0 < a.warmdown_frac <= 1 and 0 < a.muon_momentum_warmup_frac <= 1
@@ -206,11 +207,14 @@ def test_plan_windows_rejects_a_stride_outside_the_window(stride):
 
 
 def test_the_vocabulary_switches_data_tokenizer_and_shape_defaults():
-    a = tg.Hyperparameters(env={"VOCAB_SIZE": "8192"})
-    assert a.data_path == "./data/datasets/fineweb10B_sp8192"
+    a = tg.Hyperparameters(env={})
+    assert a.vocab_size == 8192 and a.data_path == "./data/datasets/fineweb10B_sp8192"
     assert a.tokenizer_path == "./data/tokenizers/fineweb_8192_bpe.model"
-    assert a.ve_layers == () and a.bigram_vocab_size == 0
-    # the environment still wins, and sp1024 keeps the record-class helpers
-    assert tg.Hyperparameters(env={"VOCAB_SIZE": "8192", "VE_LAYERS": "9"}).ve_layers == (9,)
-    b = tg.Hyperparameters(env={})
-    assert b.data_path.endswith("fineweb10B_sp1024") and b.ve_layers == (9, 10) and b.bigram_vocab_size == 2048
+    assert a.ve_layers == () and a.bigram_vocab_size == 0 and a.ttt_lr == 0.005
+    b = tg.Hyperparameters(env={"VOCAB_SIZE": "1024"})  # one variable brings back the sp1024 stack
+    assert b.data_path == "./data/datasets/fineweb10B_sp1024"
+    assert b.tokenizer_path == "./data/tokenizers/fineweb_1024_bpe.model"
+    assert b.ve_layers == (9, 10) and b.bigram_vocab_size == 2048 and b.ttt_lr == 0.002
+    # the environment still wins
+    assert tg.Hyperparameters(env={"VOCAB_SIZE": "1024", "VE_LAYERS": "9"}).ve_layers == (9,)
+    assert tg.Hyperparameters(env={"BIGRAM_VOCAB_SIZE": "4096"}).bigram_vocab_size == 4096

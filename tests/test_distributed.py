@@ -14,7 +14,7 @@ from conftest import REPO_ROOT
 from test_end_to_end import RUN_ENV, clean_env, data_env, new_workdir
 
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([0-9.]+) ", re.M)
-EXACT = re.compile(r"^final_\w+?_(roundtrip|sliding_window)_exact val_loss:([0-9.]+) val_bpb:([0-9.]+)$", re.M)
+EXACT = re.compile(r"^final_\w+?_(roundtrip|sliding_window|ttt)_exact val_loss:([0-9.]+) val_bpb:([0-9.]+)$", re.M)
 PRE = re.compile(r"^pre_export val_loss:([0-9.]+) ", re.M)
 
 
@@ -42,7 +42,7 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path_factory, demo_
     assert curves[1][-1][1] < curves[1][0][1] - 1.0  # it learned, so equal curves mean something
     assert abs(float(PRE.search(logs[1]).group(1)) - float(PRE.search(logs[2]).group(1))) < 2e-3
     finals = {n: {tag: float(loss) for tag, loss, _ in EXACT.findall(log)} for n, log in logs.items()}
-    assert set(finals[1]) == set(finals[2]) == {"roundtrip", "sliding_window"}
+    assert set(finals[1]) == set(finals[2]) == {"roundtrip", "sliding_window", "ttt"}  # TTT on 2 ranks as on 1
     for tag in finals[1]:
         assert abs(finals[1][tag] - finals[2][tag]) < 5e-3, (tag, finals)
 

@@ -24,11 +24,11 @@ RUN_ENV = {
     "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "32", "TRAIN_BATCH_TOKENS": "2048",
     "ITERATIONS": "20", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "2", "SSM_LAYERS": "0",
     "SSM_KERNEL_SIZE": "16", "VE_LAYERS": "1", "XSA_LAST_N": "1", "BIGRAM_VOCAB_SIZE": "128", "BIGRAM_DIM": "16",
-    "VE_DIM": "16", "GPTQ_CALIB_SEQS": "8", "VAL_MAX_TOKENS": "20000", "RUN_ID": "e2e",
+    "VE_DIM": "16", "GPTQ_CALIB_SEQS": "8", "VAL_MAX_TOKENS": "20000", "TTT_CHUNK_TOKENS": "8192", "RUN_ID": "e2e",
 }
 # data and evaluation only: in eval-only mode the artifact must supply the model's shape
-EVAL_ENV = {k: RUN_ENV[k] for k in ("VOCAB_SIZE", "EVAL_SEQ_LEN", "EVAL_STRIDE", "VAL_MAX_TOKENS")}
-EXACT = re.compile(r"^final_\w+?_(roundtrip|sliding_window)_exact val_loss:([0-9.]+) val_bpb:([0-9.]+)$", re.M)
+EVAL_ENV = {k: RUN_ENV[k] for k in ("VOCAB_SIZE", "EVAL_SEQ_LEN", "EVAL_STRIDE", "VAL_MAX_TOKENS", "TTT_CHUNK_TOKENS")}
+EXACT = re.compile(r"^final_\w+?_(roundtrip|sliding_window|ttt)_exact val_loss:([0-9.]+) val_bpb:([0-9.]+)$", re.M)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -74,7 +74,7 @@ def run(demo_data_dir, tmp_path_factory):
 
 
 def exact_lines(log: str) -> dict[str, tuple[str, float, float]]:
-    """{"roundtrip" | "sliding_window": (the whole line, val_loss, val_bpb)}"""
+    """{"roundtrip" | "sliding_window" | "ttt": (the whole line, val_loss, val_bpb)}"""
     return {m.group(1): (m.group(0), float(m.group(2)), float(m.group(3))) for m in EXACT.finditer(log)}
 
 
@@ -115,8 +115,14 @@ def test_facts_json(run):
     f, lines = run.facts, exact_lines(run.log)
     _, sw_loss, sw_bpb = lines["sliding_window"]
     _, rt_loss, rt_bpb = lines["roundtrip"]
+    _, ttt_loss, ttt_bpb = lines["ttt"]
     assert f["status"] == "evaluated" and f["steps"] == 20 and f["run_id"] == "e2e"
-    assert f["val_bpb"] == pytest.approx(sw_bpb, abs=1e-8) and f["val_loss"] == pytest.approx(sw_loss, abs=1e-8)
+    assert f["val_bpb"] == pytest.approx(ttt_bpb, abs=1e-8) and f["val_loss"] == pytest.approx(ttt_loss, abs=1e-8)
+    assert f["results"]["ttt"]["val_bpb"] == pytest.approx(ttt_bpb, abs=1e-8)  # the last pass is the headline
+    assert f["results"]["ttt"]["score_first"] is True and f["results"]["ttt"]["chunks"] == 3
+    assert f["compliance"]["test_time_adaptation"].startswith("score-first")
+    assert re.search(r"^ttt: every weight adapted .* 3 chunks .* updates on targets not yet scored: 0 "
+                     r"score_first:True$", run.body, re.M)
     assert f["results"]["roundtrip"]["val_bpb"] == pytest.approx(rt_bpb, abs=1e-8)
     assert f["results"]["sliding_window"]["val_bpb"] == pytest.approx(sw_bpb, abs=1e-8)
     assert f["val_tokens"] == 20000 - 1
@@ -162,7 +168,7 @@ def test_eval_only_reproduces_round_trip(run, demo_data_dir, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-5000:]
     log = (workdir / "logs" / "e2e_eval.txt").read_text(encoding="utf-8")
     before, after = exact_lines(run.log), exact_lines(log)
-    assert set(after) == {"roundtrip", "sliding_window"}
+    assert set(after) == {"roundtrip", "sliding_window", "ttt"}
     for key in after:
         assert after[key][0] == before[key][0]
     console = proc.stdout  # the log without the archived source code
@@ -281,8 +287,9 @@ def test_reusing_a_run_id_keeps_the_earlier_log(demo_data_dir, tmp_path_factory)
 def test_the_same_seed_gives_the_same_numbers_on_a_busy_machine(demo_data_dir, tmp_path_factory):
     """Runs bounded by steps (as the demo is) do not depend on the machine's speed: two runs started together,
     competing for the same cores, log the same losses and scores."""
-    env = clean_env(**data_env(demo_data_dir), **dict(RUN_ENV, ITERATIONS="6", WARMUP_STEPS="0",
-                                                      TRAIN_LOG_EVERY="1", CHECKPOINT_PATH=""))
+    env = clean_env(**data_env(demo_data_dir), **dict(RUN_ENV, ITERATIONS="6", WARMUP_STEPS="0", TRAIN_LOG_EVERY="1",
+                                                      CHECKPOINT_PATH="", EVAL_STRIDE="0", TTT_ENABLED="0",
+                                                      VAL_MAX_TOKENS="4000"), OMP_NUM_THREADS="1")
     dirs = [new_workdir(tmp_path_factory, f"busy{i}") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "train_gpt.py"], cwd=d, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for d in dirs]

@@ -362,8 +362,8 @@ def test_passthrough_dtype():
 
 @pytest.mark.parametrize("kernel", ["fir", "s4d"])
 def test_s4d_kernel_parameters_are_never_quantized_whatever_their_size(kernel):
-    # 128 channels x 1024 taps = 131,072 values: larger than any "small tensor" threshold
-    args = tiny_args(MODEL_DIM="128", SSM_KERNEL=kernel, SSM_KERNEL_SIZE="1024", SSM_STATE_DIM="2048")
+    # 128 channels x 520 taps = 66,560 values: larger than the 65,536-value "small tensor" limit of other scripts
+    args = tiny_args(MODEL_DIM="128", SSM_KERNEL=kernel, SSM_KERNEL_SIZE="520", SSM_STATE_DIM="1040")
     torch.manual_seed(0)
     model = tg.GPT(args)
     batches = [(torch.randint(0, args.vocab_size, (2, 32)), torch.randint(0, args.vocab_size, (2, 32)))
