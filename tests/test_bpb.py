@@ -169,16 +169,21 @@ def test_evaluate_scores_every_target_once(num_targets, seq_len, stride, batch):
     assert bpb == pytest.approx(expected_loss / math.log(2) * num_targets / int(target_bytes.sum()), rel=1e-12)
 
 
+def enwiki_val(tmp_path, vocab: int) -> tuple[np.ndarray, Path]:
+    """The enwiki validation shard of the shared development data and its official tokenizer (skip if absent)."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    shard_xz = shared / f"enwiki2015_sp{vocab}" / "fineweb_val_000000.bin.xz"
+    model = shared / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+    if not (shard_xz.is_file() and model.is_file()):
+        pytest.skip(f"the enwiki sp{vocab} shards and the official tokenizer are not beside this checkout")
+    (tmp_path / "fineweb_val_000000.bin").write_bytes(lzma.decompress(shard_xz.read_bytes()))
+    return tg.load_validation_tokens(str(tmp_path)), model
+
+
 def test_official_tokenizer_bytes_of_the_enwiki_val_shard(tmp_path):
     """The official sp1024 tokenizer on the enwiki validation shard: the data's own documentation gives
     3,884,048 tokens and 9,755,837 bytes by the official rule. Our tables must reproduce the byte count."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    shard_xz = shared / "enwiki2015_sp1024" / "fineweb_val_000000.bin.xz"
-    model = shared / "tokenizers" / "fineweb_1024_bpe.model"
-    if not (shard_xz.is_file() and model.is_file()):
-        pytest.skip("the enwiki shards and the official tokenizer are not beside this checkout")
-    (tmp_path / "fineweb_val_000000.bin").write_bytes(lzma.decompress(shard_xz.read_bytes()))
-    tokens = tg.load_validation_tokens(str(tmp_path))
+    tokens, model = enwiki_val(tmp_path, 1024)
     luts = tg.build_sentencepiece_luts(tg.load_tokenizer(str(model), 1024))
     assert tokens.size == 3_884_048
     assert int(tg.target_byte_counts(tokens, luts).sum()) == 9_755_837
@@ -188,13 +193,7 @@ def test_official_sp8192_tokenizer_bytes_of_the_enwiki_val_shard(tmp_path):
     """The same text with the official 8192-piece tokenizer: 2,702,855 tokens and 9,774,711 bytes by the official
     rule. Unlike sp1024 it has 256 byte-fallback pieces (ids 4-259), each one byte; the shards are reproduced by
     decoding and encoding again, which load_evaluation_data checks."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    shard_xz = shared / "enwiki2015_sp8192" / "fineweb_val_000000.bin.xz"
-    model = shared / "tokenizers" / "fineweb_8192_bpe.model"
-    if not (shard_xz.is_file() and model.is_file()):
-        pytest.skip("the enwiki sp8192 shards and the official tokenizer are not beside this checkout")
-    (tmp_path / "fineweb_val_000000.bin").write_bytes(lzma.decompress(shard_xz.read_bytes()))
-    tokens = tg.load_validation_tokens(str(tmp_path))
+    tokens, model = enwiki_val(tmp_path, 8192)
     sp = tg.load_tokenizer(str(model), 8192)
     base_bytes, has_space, is_boundary = luts = tg.build_sentencepiece_luts(sp)
     byte_pieces = [i for i in range(8192) if sp.is_byte(i)]

@@ -120,13 +120,18 @@ os._exit(0)  # as train_gpt.py does: no interpreter shutdown while gloo's thread
 '''
 
 
+def run_on_two_ranks(tmp_path, source: str, success: str, timeout: float = 300) -> None:
+    """Run a helper script under torchrun with two gloo ranks; both must exit cleanly and print `success`."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(source)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(REPO_ROOT)], env=clean_env(OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(success) == 2
+
+
 def test_muon_orthogonalises_each_rank_share_and_matches_one_process(tmp_path):
     """Each rank runs Newton-Schulz on its share of every shape group only, and the all-gathered update equals
     the one a single process computes for the whole group."""
-    script = tmp_path / "sharded_muon.py"
-    script.write_text(SHARDED_MUON)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(REPO_ROOT)], env=clean_env(OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("sharded update matches") == 2
+    run_on_two_ranks(tmp_path, SHARDED_MUON, "sharded update matches", timeout=120)

@@ -3,15 +3,12 @@ boundaries and ranks; every target is scored once; with no learning rate it is t
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO_ROOT, markov_batches, randomize_, tiny_args
-from test_end_to_end import clean_env
+from conftest import markov_batches, randomize_, tiny_args
+from test_distributed import run_on_two_ranks
 
 TTT_ENV = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="64", TTT_EPOCHS="2")
 
@@ -126,10 +123,4 @@ os._exit(0)
 
 
 def test_two_ranks_score_as_one_and_score_first(tmp_path):
-    script = tmp_path / "ttt_two_ranks.py"
-    script.write_text(TWO_RANKS)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(REPO_ROOT)], env=clean_env(OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("two ranks score as one") == 2
+    run_on_two_ranks(tmp_path, TWO_RANKS, "two ranks score as one")
