@@ -56,8 +56,8 @@ OWNED_PREFIXES = (
     "TRAIN_", "VAL_", "EVAL_", "SSM_", "XSA_", "GPTQ_", "MUON_", "EMA_", "ADAM_", "BIGRAM_", "VE_", "QUANT_",
     "ROPE_", "QK_", "WARMDOWN_", "WARMUP_", "MLP_", "MODEL_", "TIED_", "MATRIX_", "SCALAR_", "LOGIT_",
     "SMEAR_", "EMBED_", "QKV_", "NUM_LAYER", "NUM_HEAD", "NUM_KV", "MAX_WALLCLOCK", "MIN_LR", "GRAD_CLIP", "BETA",
-    "ITERATION", "SEED", "VOCAB", "ARTIFACT", "TOKENIZER", "DATA_PATH", "CHECKPOINT", "EXPORT_", "PASSTHROUGH",
-    "TTT_",
+    "ITERATION", "SEED", "VOCAB", "ARTIFACT_", "TOKENIZER_", "DATA_PATH", "CHECKPOINT_", "EXPORT_", "PASSTHROUGH_",
+    "TTT_", "PRE_EXPORT", "QKV_",
 )
 # Variables of the launcher (torchrun), the accelerator stack and the shell are never knobs, however close to one
 # they are spelled. Any other variable within a typo's distance of a knob is an error.
@@ -215,8 +215,8 @@ class Hyperparameters:
         self.ttt_epochs = self._int("TTT_EPOCHS", 3, lo=1)
         self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32_768, lo=1)
 
+        self._check_unknown()  # first: a misspelt knob explains a consistency error better than the error itself
         self._check_consistency()
-        self._check_unknown()
 
     # Typed readers: each records the value for the log and names the variable in every error.
     def _raw(self, name: str, default: object) -> str:
@@ -276,7 +276,8 @@ class Hyperparameters:
         for name, layers in (("SSM_LAYERS", self.ssm_layers), ("VE_LAYERS", self.ve_layers)):
             bad = [i for i in layers if not 0 <= i < n]
             if bad:
-                raise ValueError(f"{name} has layer(s) {bad} outside 0..{n - 1} (NUM_LAYERS={n})")
+                origin = "" if name in self._env else f", the default for VOCAB_SIZE={self.vocab_size}: set {name}"
+                raise ValueError(f"{name} has layer(s) {bad} outside 0..{n - 1} (NUM_LAYERS={n}{origin})")
         if self.model_dim % self.num_heads:
             raise ValueError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -292,6 +293,8 @@ class Hyperparameters:
             raise ValueError(f"SSM_STATE_DIM={self.ssm_state_dim} must be even (complex modes come in pairs)")
         if self.ssm_dt_min > self.ssm_dt_max or self.ssm_rate_min > self.ssm_rate_max:
             raise ValueError("SSM_DT_MIN/SSM_RATE_MIN must not exceed SSM_DT_MAX/SSM_RATE_MAX")
+        if self.qkv_conv_size > min(self.train_seq_len, self.eval_seq_len):
+            raise ValueError(f"QKV_CONV_SIZE={self.qkv_conv_size} exceeds the sequence length")
         if self.eval_stride > self.eval_seq_len:
             raise ValueError(f"EVAL_STRIDE={self.eval_stride} must not exceed EVAL_SEQ_LEN={self.eval_seq_len}")
         if self.quant_min_bits > self.quant_max_bits:
@@ -304,7 +307,7 @@ class Hyperparameters:
         for name in sorted(self._env):
             if name in self.values or name in FOREIGN_NAMES or name.startswith(FOREIGN_PREFIXES):
                 continue
-            near = [k for k in known if looks_like_typo(name, k)]
+            near = [k for k in known if looks_like_typo(name.upper(), k)]  # ttt_lr too
             if near or name.startswith(OWNED_PREFIXES):
                 hint = near or difflib.get_close_matches(name, known, n=1)
                 suggestion = f" (did you mean {hint[0]}?)" if hint else ""
@@ -1111,6 +1114,11 @@ def collect_calibration(model: GPT, batches, device: torch.device, use_autocast:
         else:
             table[key] = value.clone()
 
+    def second_moment(x: Tensor) -> Tensor:  # fp32 even inside autocast, which would run the matmul in bf16
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        with torch.autocast(device.type, enabled=False):
+            return x.T @ x
+
     def energy(key: str):
         return lambda g: add(stats["grad_energy"], key, g.float().square().reshape(-1, g.size(-1)).sum(0))
 
@@ -1118,8 +1126,7 @@ def collect_calibration(model: GPT, batches, device: torch.device, use_autocast:
         if isinstance(module, nn.Embedding):
             add(stats["counts"], name, torch.bincount(inputs[0].reshape(-1), minlength=module.num_embeddings).double())
         elif name in first:
-            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
-            add(stats["hessians"], name, x.T @ x)
+            add(stats["hessians"], name, second_moment(inputs[0]))
         output.register_hook(energy("tok_emb.input" if name == "tok_emb" else name))
 
     hooks = [m.register_forward_hook(lambda mod, i, o, name=name: hook(mod, i, o, name))
@@ -1130,8 +1137,7 @@ def collect_calibration(model: GPT, batches, device: torch.device, use_autocast:
                 h = model.hidden(x)
                 raw = model.head(h)
                 raw.register_hook(energy("tok_emb"))
-                flat = h.detach().reshape(-1, h.size(-1)).float()
-                add(stats["hessians"], "tok_emb", flat.T @ flat)
+                add(stats["hessians"], "tok_emb", second_moment(h))
                 loss = F.cross_entropy(model.softcap(raw).reshape(-1, raw.size(-1)), y.reshape(-1), reduction="sum")
             loss.backward()
             stats["tokens"] += y.numel()
@@ -1145,8 +1151,8 @@ def collect_calibration(model: GPT, batches, device: torch.device, use_autocast:
 def reduce_calibration(stats: dict) -> None:
     """Sum every rank's calibration statistics (in place)."""
     for table in ("hessians", "grad_energy", "counts"):
-        for value in stats[table].values():
-            dist.all_reduce(value)
+        for key in sorted(stats[table]):  # the same order on every rank, whatever order the hooks fired in
+            dist.all_reduce(stats[table][key])
     tokens = torch.tensor(float(stats["tokens"]), device=next(iter(stats["hessians"].values())).device)
     dist.all_reduce(tokens)
     stats["tokens"] = int(tokens.item())
@@ -1222,7 +1228,7 @@ def encode_quantized(q: Tensor, scale: Tensor) -> bytes:
 
 def passthrough_dtype(t: Tensor, fp16: bool) -> torch.dtype:
     """fp16 where the round trip changes no value by more than 1e-3 of the tensor's largest; fp32 otherwise."""
-    if not fp16 or not t.is_floating_point():
+    if not fp16 or not t.is_floating_point() or not t.numel():
         return t.dtype
     t = t.float()
     scale = t.abs().max().clamp_min(1e-30)
@@ -1286,10 +1292,10 @@ def quantize_candidates(state: dict[str, Tensor], model: GPT, stats: dict, args:
 
 
 def choose_widths(options: dict[str, list[QuantCandidate]], budget: int) -> dict[str, int]:
-    """Index of the chosen candidate per tensor. Every tensor starts at its narrowest width; then the upgrade
-    (to any wider width: the steepest step of its loss-versus-bytes curve) that removes the most predicted loss
-    per extra byte is taken, as long as it fits the budget. Raises ValueError when even the narrowest widths
-    do not fit."""
+    """Index of the chosen candidate per tensor. Every tensor starts at its narrowest width; then, of all the
+    upgrades that still fit the budget (to any wider width: the steepest step of each loss-versus-bytes curve),
+    the one that removes the most predicted loss per extra byte is taken, until none fits. Raises ValueError
+    when even the narrowest widths do not fit."""
     choice = {name: 0 for name in options}
     spent = sum(len(cands[0].blob) for cands in options.values())
     if spent > budget:
@@ -1302,6 +1308,8 @@ def choose_widths(options: dict[str, list[QuantCandidate]], budget: int) -> dict
         best = None
         for j in range(i + 1, len(cands)):
             extra = len(cands[j].blob) - len(cands[i].blob)
+            if spent + extra > budget:  # the room only shrinks: an upgrade that does not fit now never will
+                continue
             gain = cands[i].loss - cands[j].loss
             ratio = math.inf if extra <= 0 <= gain else gain / max(extra, 1)
             if best is None or ratio > best[0]:
@@ -1316,7 +1324,7 @@ def choose_widths(options: dict[str, list[QuantCandidate]], budget: int) -> dict
         extra = len(options[name][j].blob) - len(options[name][choice[name]].blob)
         if spent + extra <= budget:
             choice[name], spent = j, spent + extra
-            push(name)
+        push(name)  # its next step, or (if this one no longer fits) its best step that still does
     return choice
 
 
@@ -1376,37 +1384,51 @@ def serialize_artifact(artifact: dict) -> bytes:
                     [c.blob for c in artifact["tensors"].values()])
 
 
+def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: list[int]) -> Tensor:
+    """A tensor of exactly this shape from exactly its bytes (ValueError otherwise)."""
+    count = math.prod(shape)
+    if len(data) != count * torch.empty((), dtype=dtype).element_size():
+        raise ValueError(f"{len(data)} bytes for a {dtype} tensor of shape {shape}")
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if count else torch.empty(shape, dtype=dtype)
+
+
 def deserialize_artifact(blob: bytes, source: str = "artifact") -> dict:
+    def unpack(start: int, size: int) -> bytes:
+        if size < 0 or start + size > len(blob):
+            raise ValueError("a stream runs past the end")
+        return lzma.decompress(blob[start:start + size], format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+
     try:
         if not blob.startswith(ARTIFACT_MAGIC):
             raise ValueError("wrong magic bytes")
         at = len(ARTIFACT_MAGIC) + 4
         size = int.from_bytes(blob[len(ARTIFACT_MAGIC):at], "little")
-        header = json.loads(lzma.decompress(blob[at:at + size], format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
+        header = json.loads(unpack(at, size))
+        config = header["config"]
+        if not isinstance(config, dict) or not all(isinstance(v, str) for v in config.values()):
+            raise ValueError("the configuration is not a table of strings")
         at += size
-        raw = lzma.decompress(blob[at:at + header["passthrough_bytes"]], format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+        raw = unpack(at, header["passthrough_bytes"])
         at += header["passthrough_bytes"]
         passthrough, offset = {}, 0
         for entry in header["passthrough"]:
-            dtype = getattr(torch, entry["dtype"])
-            count = math.prod(entry["shape"])
-            width = torch.empty((), dtype=dtype).element_size()
-            passthrough[entry["name"]] = torch.frombuffer(bytearray(raw[offset:offset + count * width]),
-                                                          dtype=dtype).reshape(entry["shape"])
-            offset += count * width
+            dtype = {"float16": torch.float16, "float32": torch.float32}[entry["dtype"]]
+            size = math.prod(entry["shape"]) * dtype.itemsize
+            passthrough[entry["name"]] = tensor_from_bytes(raw[offset:offset + size], dtype, entry["shape"])
+            offset += size
         tensors = {}
         for entry in header["tensors"]:
-            data = lzma.decompress(blob[at:at + entry["bytes"]], format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+            data = unpack(at, entry["bytes"])
             rows, count = entry["shape"][0], math.prod(entry["shape"])
-            q = torch.frombuffer(bytearray(data[:count]), dtype=torch.int8).reshape(entry["shape"])
-            scale = torch.frombuffer(bytearray(data[count:count + 2 * rows]), dtype=torch.float16)
-            tensors[entry["name"]] = QuantCandidate(entry["bits"], q, scale, math.nan)
+            q = tensor_from_bytes(data[:count], torch.int8, entry["shape"])
+            scale = tensor_from_bytes(data[count:], torch.float16, [rows])
+            tensors[entry["name"]] = QuantCandidate(int(entry["bits"]), q, scale, math.nan)
             at += entry["bytes"]
         if at != len(blob) or offset != len(raw):
             raise ValueError(f"{len(blob) - at} bytes left over")
     except Exception as e:  # lzma, JSON and layout errors all mean the same thing to the user
         raise ValueError(f"{source} is not an artifact of this script ({type(e).__name__}: {e})") from None
-    return {"config": header["config"], "tensors": tensors, "passthrough": passthrough}
+    return {"config": config, "tensors": tensors, "passthrough": passthrough}
 
 
 def dequantize_state(artifact: dict) -> dict[str, Tensor]:
@@ -1510,7 +1532,9 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
     unless it is the last, every weight trains on the chunk's targets, which are all scored by then: TTT_EPOCHS
     passes of SGD (momentum 0.9, gradient norm clipped to 1, learning rate TTT_LR on a cosine over the chunks), the
     gradient summed over ranks, so every rank takes the same step. The adapted weights carry on to the next chunk
-    and across documents; nothing is reset. Returns (val_loss, val_bpb, targets, what adapted on what)."""
+    and across documents; nothing is reset. Before each update the ranks count the targets scored so far, and an
+    update reading any other target is counted as a violation (score_first: none). Returns (val_loss, val_bpb,
+    targets, what adapted on what)."""
     tokens = val["tokens"]
     num_targets = tokens.numel() - 1
     seq_len = min(args.eval_seq_len, num_targets)
@@ -1529,20 +1553,25 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
         mine = windows[rank_share(len(windows), rank, world_size)]
         score_windows(token_losses, val, starts[mine], firsts[mine], seq_len, args.eval_batch_seqs, device,
                       use_autocast, sums, per_target)
-        lo, scored_end = bounds[c]  # every target below scored_end is scored now, on every rank
+        lo, end = bounds[c]
         if c == len(chunks) - 1:
             break
         # sequences of seq_len targets ending at the chunk's end and tiling it backwards (the earliest may reach
         # into targets scored before the chunk: also already scored)
-        seq_starts = [max(0, scored_end - k * seq_len) for k in range(1, -(-(scored_end - lo) // seq_len) + 1)]
-        late += int(max(s + seq_len for s in seq_starts) > scored_end)  # a target not yet scored: never, by design
+        seq_starts = [max(0, end - k * seq_len) for k in range(1, -(-(end - lo) // seq_len) + 1)]
+        # Measured, not assumed: the windows score the stream from its start without gaps, so the number of targets
+        # the ranks have scored so far is where the scored prefix ends; no target the update reads may lie beyond.
+        scored = sums[1].clone()
+        if world_size > 1:
+            dist.all_reduce(scored)
+        late += int(max(s + seq_len for s in seq_starts) > int(scored.item()))
         share = seq_starts[rank_share(len(seq_starts), rank, world_size)]
         weight = torch.zeros(seqs_per_rank, 1, device=device)
         weight[:len(share)] = 1.0 / (len(seq_starts) * seq_len)  # the chunk's mean loss, summed over ranks
         s = torch.tensor((share + [0] * seqs_per_rank)[:seqs_per_rank], device=device)
         pos = s[:, None] + offsets[None, :]
         for group in optimizer.param_groups:
-            group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(chunks) - 2, 1)))
+            group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))  # > 0 to the end
         for _ in range(args.ttt_epochs):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 loss = (token_losses(tokens[pos], tokens[pos + 1]) * weight).sum()
@@ -1631,16 +1660,19 @@ def make_demo_data(directory: str, vocab_size: int = 512) -> None:
 SEPARATOR = "=" * 100
 
 
-def keep_previous(path: Path) -> Path | None:
-    """Move an existing file aside to the first free <stem>.<n><suffix>, so a run never overwrites or appends to
-    what an earlier run produced. Returns where it went (None if there was nothing)."""
-    if not path.exists():
-        return None
+def keep_previous(*paths: Path) -> list[tuple[Path, Path]]:
+    """Move existing files aside to <stem>.<n><suffix>, one n free for all of them (a log and its facts keep the same
+    number), so a run never overwrites or appends to what an earlier run produced. Returns (old, new) pairs."""
+    def aside(path: Path, n: int) -> Path:
+        return path.with_name(f"{path.stem}.{n}{path.suffix}")
+
     n = 1
-    while (aside := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+    while any(aside(path, n).exists() for path in paths):
         n += 1
-    path.rename(aside)
-    return aside
+    moved = [(path, aside(path, n)) for path in paths if path.exists()]
+    for path, new in moved:
+        path.rename(new)
+    return moved
 
 
 class RunLog:
@@ -1656,11 +1688,10 @@ class RunLog:
         if not master:
             return
         self.txt.parent.mkdir(exist_ok=True)
-        moved = [(path, keep_previous(path)) for path in (self.txt, self.json)]
+        moved = keep_previous(self.txt, self.json)
         self.txt.write_text(code.decode("utf-8") + "\n" + SEPARATOR + "\n", encoding="utf-8")
         for path, aside in moved:
-            if aside is not None:
-                self(f"note: RUN_ID={run_id} was used before: the earlier {path} is kept as {aside}")
+            self(f"note: RUN_ID={run_id} was used before: the earlier {path} is kept as {aside}")
 
     def __call__(self, msg: str, console: bool = True) -> None:
         if not self.master:
@@ -1717,12 +1748,9 @@ def process_place() -> tuple[bool, int, int, int]:
 def start_run(log: RunLog, code: bytes, place: tuple[bool, int, int, int]) -> Run:
     """SET-UP: the knobs (an artifact or checkpoint fixes the model's shape), the device, the process group, and
     the head of the log. A configuration error stops the run here, before any data or model work."""
-    use_cuda = torch.cuda.is_available()
-    default_data = DATA_PATH_PATTERN.format(os.environ.get("VOCAB_SIZE", DEFAULT_VOCAB_SIZE))
-    demo = not use_cuda and "DATA_PATH" not in os.environ and not os.path.isdir(default_data)
-    defaults = dict(DEMO_DEFAULTS if demo else {}, RUN_ID=log.run_id)
-    eval_artifact, export_checkpoint = os.environ.get("EVAL_ARTIFACT", ""), os.environ.get("EXPORT_CHECKPOINT", "")
-    env, source, overridden = dict(os.environ), None, []
+    env = {k: v for k, v in os.environ.items() if not (k == "RUN_ID" and not v)}  # RUN_ID= is no RUN_ID
+    eval_artifact, export_checkpoint = env.get("EVAL_ARTIFACT", ""), env.get("EXPORT_CHECKPOINT", "")
+    source, overridden = None, []
     if eval_artifact and export_checkpoint:
         raise ValueError("EVAL_ARTIFACT and EXPORT_CHECKPOINT are two modes: set one of them")
     if eval_artifact:
@@ -1733,7 +1761,10 @@ def start_run(log: RunLog, code: bytes, place: tuple[bool, int, int, int]) -> Ru
     if source is not None:  # evaluate or export the saved model, whatever shape the environment asks for
         overridden = [f"{k}={v} (not {env[k]})" for k, v in source["config"].items() if k in env and env[k] != v]
         env.update(source["config"])
-    args = Hyperparameters(env=env, defaults=defaults)
+    use_cuda = torch.cuda.is_available()
+    default_data = DATA_PATH_PATTERN.format(env.get("VOCAB_SIZE", DEFAULT_VOCAB_SIZE))
+    demo = not use_cuda and "DATA_PATH" not in env and not os.path.isdir(default_data)
+    args = Hyperparameters(env=env, defaults=dict(DEMO_DEFAULTS if demo else {}, RUN_ID=log.run_id))
     run = Run(args, log, code, place, demo)
     if args.eval_artifact:
         run.artifact, run.artifact_blob = source, blob
@@ -1786,6 +1817,9 @@ def load_evaluation_data(run: Run) -> tuple[spm.SentencePieceProcessor, dict]:
     val_np = load_validation_tokens(args.data_path, args.val_max_tokens)
     check_token_range(val_np, args.vocab_size, "the validation split")
     docs = check_tokenizer_matches(sp, val_np, args.tokenizer_path)
+    if not docs:
+        log(f"WARNING: no whole validation document without <unk> among the first tokens: could not check that "
+            f"TOKENIZER_PATH={args.tokenizer_path} made the shards")
     byte_counts = target_byte_counts(val_np, build_sentencepiece_luts(sp))
     val = {"tokens": torch.from_numpy(val_np.astype(np.int64)).to(run.device),
            "target_bytes": torch.from_numpy(byte_counts).to(run.device)}
@@ -1803,7 +1837,7 @@ def check_cpu_memory(args: Hyperparameters, num_params: int, micro_tokens: int, 
     (this machine's memory by default)."""
     hidden = int(args.mlp_mult * args.model_dim)
     activations = 4 * micro_tokens * (args.num_layers * (12 * args.model_dim + 3 * hidden) + 3 * args.vocab_size)
-    need = 16 * num_params + activations
+    need = 20 * num_params + activations  # fp32 weights, gradients, two optimizer moments, the EMA
     have = have or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
         raise ValueError(
@@ -1985,7 +2019,7 @@ def train(run: Run, base_model: GPT) -> tuple[DistributedTokenLoader, dict]:
         spread = ((high - low) / magnitudes.clamp_min(1e-30)).max().item()  # relative to each tensor's L1 norm
         log(f"replicas_in_sync:{in_sync} max_relative_spread:{spread:.3g}"
             + ("" if in_sync else " WARNING: the ranks' weights differ"))
-    facts = {"steps": step, "step_avg_ms": training_ms / step, "train_time_ms": training_ms,
+    facts = {"steps": step, "step_avg_ms": training_ms / step, "train_time_ms": training_ms, "ema": ema is not None,
              "tokens_per_s": tokens_per_s, "max_wallclock_seconds": args.max_wallclock_seconds,
              "train_files_disjoint_from_val": not val_files & {os.path.realpath(f) for f in train_files}}
     log.update(**facts)
@@ -2010,7 +2044,7 @@ def calibrate(run: Run, base_model: GPT, loader: DistributedTokenLoader, facts: 
     calibration_ms = 1000 * (time.perf_counter() - t_cal)
     total_ms = facts["train_time_ms"] + calibration_ms
     within = bool(args.max_wallclock_seconds) and total_ms <= 1000 * args.max_wallclock_seconds
-    log(f"gptq_calibration seqs:{args.gptq_calib_seqs} tokens:{stats['tokens']} source:train_shards "
+    log(f"gptq_calibration seqs:{stats['tokens'] // args.train_seq_len} tokens:{stats['tokens']} source:train_shards "
         f"time:{calibration_ms:.0f}ms train_plus_calibration:{total_ms:.0f}ms within_wallclock:{within}")
     if args.max_wallclock_seconds and not within:
         log(f"WARNING: training + calibration took {total_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
@@ -2018,7 +2052,7 @@ def calibrate(run: Run, base_model: GPT, loader: DistributedTokenLoader, facts: 
     for line in kernel_report(base_model, args.train_seq_len):
         log(line)
     facts = dict(facts, calibration_ms=calibration_ms, train_plus_calibration_s=total_ms / 1000,
-                 calibration_seqs=args.gptq_calib_seqs, calibration_within_wallclock=within)
+                 calibration_seqs=stats["tokens"] // args.train_seq_len, calibration_within_wallclock=within)
     log.update(**facts)
     return {"format": CHECKPOINT_FORMAT, "config": {k: env_string(args.values[k]) for k in MODEL_KEYS},
             "state": {k: v.detach().cpu() for k, v in base_model.state_dict().items()},
@@ -2026,16 +2060,44 @@ def calibrate(run: Run, base_model: GPT, loader: DistributedTokenLoader, facts: 
             "facts": facts}
 
 
+def on_rank0(run: Run, what: str, work):
+    """Run `work` on rank 0 alone. A failure there is shared at once, so every rank stops together instead of
+    waiting at the next collective. Returns work()'s result on rank 0, None elsewhere."""
+    ok, error, result = torch.ones((), device=run.device), None, None
+    if run.master:
+        try:
+            result = work()
+        except Exception as e:
+            ok.zero_()
+            error = e
+    if run.distributed:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not bool(ok.item()):
+        if run.distributed:
+            leave_process_group()
+        if error is not None:
+            raise RuntimeError(f"{what} failed: {type(error).__name__}: {error}") from error
+        raise SystemExit(f"{what} failed on rank 0")
+    return result
+
+
 def save_checkpoint(run: Run, checkpoint: dict) -> None:
     """The weights that are exported and the calibration statistics, so that any export can be made again from
     the same trained model (EXPORT_CHECKPOINT) with no training noise."""
-    if not run.master or not run.args.checkpoint_path:
+    if not run.args.checkpoint_path:
         return
     path = Path(run.args.checkpoint_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    aside = keep_previous(path)
-    torch.save(checkpoint, path)
-    run.log(f"checkpoint:{path} bytes:{path.stat().st_size}" + (f" (the earlier one is kept as {aside})" if aside else ""))
+
+    def save() -> list[tuple[Path, Path]]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        moved = keep_previous(path)
+        torch.save(checkpoint, path)
+        return moved
+
+    moved = on_rank0(run, "saving the checkpoint", save)
+    if run.master:
+        run.log(f"checkpoint:{path} bytes:{path.stat().st_size}"
+                + "".join(f" (the earlier one is kept as {aside})" for _, aside in moved))
 
 
 def load_checkpoint(path: str) -> dict:
@@ -2075,7 +2137,7 @@ def evaluate_pre_export(run: Run, base_model: GPT) -> None:
                                 run.world_size, run.device, run.use_cuda)
         run.sync()
         log(f"pre_export{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} weights:"
-            f"{'ema' if args.ema_enabled else 'final'} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            f"{'ema' if checkpoint['facts']['ema'] else 'final'} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
         log.update(**{f"pre_quant{label}_val_loss": loss, f"pre_quant{label}_val_bpb": bpb})
 
 
@@ -2084,30 +2146,21 @@ def export(run: Run, base_model: GPT) -> None:
     the artifact; every rank then reads the artifact back. A failure on rank 0 is shared at once, so the other
     ranks stop too instead of waiting at a barrier."""
     args, log, checkpoint = run.args, run.log, run.checkpoint
-    ok, error = torch.ones((), device=run.device), None
+
+    def work() -> tuple:
+        t_export = time.perf_counter()
+        artifact, lines = quantize_model(base_model, checkpoint["stats"], args, len(run.code), run.device)
+        blob = serialize_artifact(artifact)
+        moved = keep_previous(Path(args.artifact_path))
+        Path(args.artifact_path).write_bytes(blob)
+        return artifact, lines, blob, moved, time.perf_counter() - t_export
+
+    done = on_rank0(run, "export", work)
     if run.master:
-        try:
-            t_export = time.perf_counter()
-            artifact, lines = quantize_model(base_model, checkpoint["stats"], args, len(run.code), run.device)
-            blob = serialize_artifact(artifact)
-            aside = keep_previous(Path(args.artifact_path))
-            Path(args.artifact_path).write_bytes(blob)
-            export_s = time.perf_counter() - t_export
-        except Exception as e:
-            ok.zero_()
-            error = e
-    if run.distributed:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not bool(ok.item()):
-        if run.distributed:
-            leave_process_group()
-        if error is not None:
-            raise RuntimeError(f"export failed: {type(error).__name__}: {error}") from error
-        raise SystemExit("export failed on rank 0")
-    if run.master:
+        artifact, lines, blob, moved, export_s = done
         for line in lines:
             log(line, console=line.startswith("quant_summary"))
-        if aside is not None:
+        for _, aside in moved:
             log(f"note: {args.artifact_path} existed: the earlier artifact is kept as {aside}")
         sizes = submission_bytes(run.code, blob)
         log(f"Serialized model {artifact_tag(artifact)}+lzma: {sizes['bytes_model']} bytes ({args.artifact_path})")
@@ -2169,15 +2222,18 @@ def final_evaluation(run: Run, base_model: GPT) -> dict:
     return results
 
 
-def assess_validity(m: dict) -> tuple[dict[str, bool], list[str]]:
-    """The competition's rules, each checked against what this run measured (None: not part of this run).
-    Returns the flags and, for every broken rule, why."""
-    cap, trained = m["max_wallclock_seconds"], m.get("train_plus_calibration_s")
+TRAINING_RULES = ("wallclock_cap_set", "train_under_600s", "calibration_within_wallclock", "no_val_data_in_training")
+
+
+def assess_validity(m: dict) -> tuple[dict[str, bool | None], list[str]]:
+    """The competition's rules, each checked against what this run measured. Returns the flags (None: not
+    assessed, for the training rules of a run that trained nothing) and, for every rule not met, why."""
+    cap, seconds = m.get("max_wallclock_seconds"), m.get("train_plus_calibration_s")
     checks = {
         "wallclock_cap_set": (cap is not None and 0 < cap <= 600,
                               f"MAX_WALLCLOCK_SECONDS={cap} (the cap must be set, at most 600)"),
-        "train_under_600s": (trained is not None and trained <= 600,
-                             f"training + calibration {'not in this run' if trained is None else f'{trained:.1f}s'}"),
+        "train_under_600s": (seconds is not None and seconds <= 600,
+                             f"training + calibration took {seconds or 0:.1f}s"),
         "calibration_within_wallclock": (m.get("calibration_within_wallclock") is True,
                                          "calibration not inside the training clock"),
         "no_val_data_in_training": (m.get("train_files_disjoint_from_val") is True,
@@ -2189,8 +2245,12 @@ def assess_validity(m: dict) -> tuple[dict[str, bool], list[str]]:
                                 f"code + artifact {m['bytes_total']} bytes > {SIZE_LIMIT_BYTES}"),
         "score_first": (m["score_first"], "an update saw validation tokens before they were scored"),
     }
-    flags = {name: bool(ok) for name, (ok, _) in checks.items()}
-    return flags, [why for ok, why in checks.values() if not ok]
+    trained = seconds is not None  # else an evaluation-only run: its training is not assessed, so it is not valid
+    flags = {name: bool(ok) if trained or name not in TRAINING_RULES else None for name, (ok, _) in checks.items()}
+    broken = [why for name, (ok, why) in checks.items() if flags[name] is False]
+    if not trained:
+        broken.append(f"not assessed in this run (nothing trained): {', '.join(TRAINING_RULES)}")
+    return flags, broken
 
 
 def record_validity(run: Run, results: dict) -> None:

@@ -178,7 +178,8 @@ def test_eval_only_reproduces_round_trip(run, demo_data_dir, tmp_path_factory):
     facts = json.loads((workdir / "logs" / "e2e_eval.json").read_text(encoding="utf-8"))
     assert facts["status"] == "evaluated" and facts["bytes_total"] == run.facts["bytes_total"]
     assert facts["results"]["roundtrip"]["val_bpb"] == run.facts["results"]["roundtrip"]["val_bpb"]
-    assert facts["valid"] is False and any("not in this run" in why for why in facts["broken_rules"])
+    assert facts["valid"] is False and any("not assessed" in why for why in facts["broken_rules"])
+    assert facts["compliance"]["train_under_600s"] is None and facts["compliance"]["artifact_under_16mb"] is True
 
 
 def test_export_only_reproduces_the_artifact_bit_for_bit(run, demo_data_dir, tmp_path_factory):
@@ -282,6 +283,18 @@ def test_reusing_a_run_id_keeps_the_earlier_log(demo_data_dir, tmp_path_factory)
     assert (workdir / "logs" / "same.1.json").is_file()
     second = (workdir / "logs" / "same.txt").read_text(encoding="utf-8").split("=" * 100, 1)[1]
     assert second.count("ERROR: ") == 1 and "the earlier logs/same.txt is kept as logs/same.1.txt" in second
+
+
+def test_an_empty_run_id_is_no_run_id(demo_data_dir, tmp_path_factory):
+    workdir = new_workdir(tmp_path_factory, "empty_id")
+    proc = run_script(workdir, clean_env(**data_env(demo_data_dir), **dict(
+        RUN_ENV, RUN_ID="", ITERATIONS="2", WARMUP_STEPS="0", EVAL_STRIDE="0", TTT_ENABLED="0")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = list((workdir / "logs").glob("*.txt"))
+    assert len(logs) == 1 and len(logs[0].stem) == 36  # a fresh uuid names the log...
+    facts = json.loads(logs[0].with_suffix(".json").read_text(encoding="utf-8"))
+    assert facts["run_id"] == logs[0].stem and facts["config"]["RUN_ID"] == logs[0].stem  # ... the run ...
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == [f"{logs[0].stem}.pt"]  # ... and its checkpoint
 
 
 def test_the_same_seed_gives_the_same_numbers_on_a_busy_machine(demo_data_dir, tmp_path_factory):

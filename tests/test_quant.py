@@ -124,6 +124,16 @@ def test_calibration_statistics_match_direct_computation(trained):
     assert torch.linalg.eigvalsh(H.double()).min() > -1e-6 * H.diagonal().max()
 
 
+def test_calibration_sums_stay_fp32_under_autocast(trained):
+    """On the GPU calibration runs under bf16 autocast; the sums it keeps must not be rounded to bf16."""
+    args, model, stats, batches = trained
+    mixed = tg.collect_calibration(model, batches[30:32], CPU, True)
+    for table in ("hessians", "grad_energy"):
+        assert all(v.dtype == torch.float32 for v in mixed[table].values()), table
+    H = mixed["hessians"]["blocks.2.mlp.fc"]
+    torch.testing.assert_close(H, H.T)
+
+
 # ---------------------------------------------------------------- ranges and GPTQ
 
 
@@ -283,6 +293,15 @@ def test_choose_widths_stays_in_budget_and_spends_it(seed):
                 break
 
 
+def test_choose_widths_takes_a_smaller_upgrade_when_the_steepest_does_not_fit():
+    options = {"A": []}
+    for bits, size, loss in ((4, 100, 10.0), (5, 200, 9.9), (6, 210, 1.0)):
+        options["A"].append(tg.QuantCandidate(bits, torch.zeros(1, 1, dtype=torch.int8), torch.ones(1).half(), loss))
+        options["A"][-1].blob = b"x" * size
+    assert tg.choose_widths(options, 205) == {"A": 1}  # 6 bits is the steeper step, but only 5 bits fits
+    assert tg.choose_widths(options, 210) == {"A": 2}
+
+
 def test_choose_widths_prefers_the_sensitive_tensor_and_refuses_an_impossible_budget():
     options = fake_options(0, n=2)
     for c in options["t0"]:
@@ -429,10 +448,28 @@ def test_more_bits_round_trip_closer(trained):
 def test_deserialize_rejects_non_artifacts(trained):
     args, model, stats, _ = trained
     blob = tg.serialize_artifact(tg.quantize_model(model, stats, tiny_args(QUANT_ALLOC=0), 0, CPU)[0])
+    artifact = tg.deserialize_artifact(blob)
+    name = next(iter(artifact["tensors"]))
+    short_scales = dict(artifact, tensors=dict(artifact["tensors"]))
+    c = artifact["tensors"][name]
+    short_scales["tensors"][name] = tg.QuantCandidate(c.bits, c.q, c.scale[:2], 0.0)
+    short_scales["tensors"][name].blob = tg.encode_quantized(c.q, c.scale[:2])
     for bad in (b"definitely not an artifact", blob[:-1], blob + b"\0", blob[:20] + bytes(10) + blob[30:],
-                tg.ARTIFACT_MAGIC + blob[len(tg.ARTIFACT_MAGIC) + 1:]):
+                tg.ARTIFACT_MAGIC + blob[len(tg.ARTIFACT_MAGIC) + 1:], tg.serialize_artifact(short_scales),
+                tg.serialize_artifact(dict(artifact, config={"NUM_LAYERS": 4}))):
         with pytest.raises(ValueError, match="model.ptz is not an artifact"):
             tg.deserialize_artifact(bad, "model.ptz")
+
+
+def test_an_empty_tensor_survives_the_artifact():
+    """One layer leaves the U-Net no skip connection: a (0, dim) parameter, which must round-trip too."""
+    args = tiny_args(NUM_LAYERS=1, SSM_LAYERS="", VE_LAYERS="0", XSA_LAST_N=1, QUANT_ALLOC=0)
+    model = tg.GPT(args)
+    assert model.skip_weights.numel() == 0
+    batches = [(torch.randint(0, 128, (2, 32)), torch.randint(0, 128, (2, 32)))]
+    artifact, _ = tg.quantize_model(model, tg.collect_calibration(model, batches, CPU, False), args, 0, CPU)
+    back = tg.deserialize_artifact(tg.serialize_artifact(artifact))
+    assert back["passthrough"]["skip_weights"].shape == (0, 64)
 
 
 def test_submission_bytes():

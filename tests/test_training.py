@@ -120,7 +120,6 @@ def test_a_run_that_keeps_every_rule_is_valid():
     ({"max_wallclock_seconds": 900.0}, "wallclock_cap_set", "at most 600"),
     ({"max_wallclock_seconds": None}, "wallclock_cap_set", "MAX_WALLCLOCK_SECONDS=None"),
     ({"train_plus_calibration_s": 600.5}, "train_under_600s", "600.5s"),
-    ({"train_plus_calibration_s": None}, "train_under_600s", "not in this run"),
     ({"calibration_within_wallclock": False}, "calibration_within_wallclock", "calibration"),
     ({"train_files_disjoint_from_val": False}, "no_val_data_in_training", "disjoint"),
     ({"val_max_tokens": 131072}, "full_validation_split", "VAL_MAX_TOKENS=131072"),
@@ -132,6 +131,14 @@ def test_each_rule_is_checked(change, flag, reason):
     flags, broken = tg.assess_validity(dict(GOOD, **change))
     assert [name for name, ok in flags.items() if not ok] == [flag]
     assert len(broken) == 1 and reason in broken[0]
+
+
+def test_a_run_that_trained_nothing_is_not_assessed_and_not_valid():
+    flags, broken = tg.assess_validity({k: v for k, v in GOOD.items() if k in (
+        "val_max_tokens", "eval_seconds", "bytes_total", "score_first")})
+    assert {name for name, ok in flags.items() if ok is None} == set(tg.TRAINING_RULES)
+    assert all(flags[name] for name in flags if name not in tg.TRAINING_RULES)
+    assert len(broken) == 1 and "not assessed" in broken[0]
 
 
 def test_limits_are_inclusive():
@@ -154,6 +161,18 @@ def test_a_knob_typo_is_an_error_with_the_suggestion(typo, meant):
     assert typo in str(exc.value) and f"did you mean {meant}?" in str(exc.value)
 
 
+def test_lowercase_knobs_and_misspelt_knobs_before_consistency_errors():
+    with pytest.raises(ValueError, match="did you mean TTT_LR"):
+        tg.Hyperparameters(env={"ttt_lr": "0.01"})
+    with pytest.raises(ValueError, match="MODEL_DIMS .*did you mean MODEL_DIM"):  # not "512 / 6 heads"
+        tg.Hyperparameters(env={"MODEL_DIMS": "384", "NUM_HEADS": "6"})
+
+
+def test_a_default_that_does_not_fit_says_it_is_a_default():
+    with pytest.raises(ValueError, match="the default for VOCAB_SIZE=1024: set VE_LAYERS"):
+        tg.Hyperparameters(env={"VOCAB_SIZE": "1024", "NUM_LAYERS": "9"})
+
+
 def test_launcher_accelerator_and_shell_variables_are_not_knobs():
     env = {name: "1" for name in (
         "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME",
@@ -162,7 +181,8 @@ def test_launcher_accelerator_and_shell_variables_are_not_knobs():
         "TORCHINDUCTOR_MIX_ORDER_REDUCTION", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUDA_MODULE_LOADING",
         "NCCL_DEBUG", "NCCL_NVLS_ENABLE", "PYTHONUNBUFFERED", "PYTHONPATH", "PATH", "HOME", "USER", "SHELL", "PWD",
         "TERM", "LANG", "LC_ALL", "HOSTNAME", "NUM_THREADS", "MAX_JOBS", "DATA_DIR", "TMPDIR", "CI", "OUT",
-        "TRAINING_NOTES", "VIRTUAL_ENV", "CONDA_PREFIX", "HF_HOME", "TRITON_CACHE_DIR", "LD_LIBRARY_PATH")}
+        "TRAINING_NOTES", "VIRTUAL_ENV", "CONDA_PREFIX", "HF_HOME", "TRITON_CACHE_DIR", "LD_LIBRARY_PATH",
+        "TOKENIZERS_PARALLELISM", "ARTIFACTORY_URL", "CHECKPOINTS_DIR", "http_proxy", "no_proxy", "path")}
     tg.Hyperparameters(env=env)
 
 

@@ -47,6 +47,23 @@ def test_no_loss_depends_on_a_later_token_across_chunk_boundaries():
         assert not torch.equal(after[t - 1:], base[t - 1:])  # the change itself is seen from there on
 
 
+def test_the_score_first_flag_is_measured(monkeypatch):
+    """The flag comes from counting what the ranks have scored before each update: hold the scoring of every chunk
+    back until the stream's last window (every target is still scored once), and each update is caught."""
+    real, held = tg.score_windows, []
+
+    def scored_too_late(token_losses, val, starts, firsts, seq_len, *rest):
+        held.append((starts, firsts))
+        if len(starts) and starts[-1] + seq_len == val["tokens"].numel() - 1:  # the stream's last window
+            for s, f in held:
+                real(token_losses, val, s, f, seq_len, *rest)
+
+    monkeypatch.setattr(tg, "score_windows", scored_too_late)
+    _, (_, _, count, facts) = ttt_per_target(stream())
+    assert count == 499 and facts["score_first"] is False
+    assert facts["updates_on_unscored_targets"] == facts["chunks"] - 1
+
+
 def test_adaptation_reaches_later_chunks_only():
     """The test above would pass for a model that never adapts: check that updates did change later scores."""
     tokens = stream()
