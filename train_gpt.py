@@ -2293,6 +2293,8 @@ def leave_process_group() -> None:
 
 
 def main() -> int:
+    """Set-up, data, model; then training and calibration (or a saved checkpoint), export (or a saved artifact);
+    then the final evaluation and the validity verdict. Returns the exit status: 1 if over the size cap."""
     code = Path(__file__).read_bytes()
     place = process_place()
     log = RunLog(os.environ.get("RUN_ID") or str(uuid.uuid4()), place[1] == 0, code)
