@@ -13,9 +13,8 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import difflib
-import heapq
 import glob
-import io
+import heapq
 import json
 import lzma
 import math
@@ -57,7 +56,7 @@ OWNED_PREFIXES = (
     "ROPE_", "QK_", "WARMDOWN_", "WARMUP_", "MLP_", "MODEL_", "TIED_", "MATRIX_", "SCALAR_", "LOGIT_",
     "SMEAR_", "EMBED_", "QKV_", "NUM_LAYER", "NUM_HEAD", "NUM_KV", "MAX_WALLCLOCK", "MIN_LR", "GRAD_CLIP", "BETA",
     "ITERATION", "SEED", "VOCAB", "ARTIFACT_", "TOKENIZER_", "DATA_PATH", "CHECKPOINT_", "EXPORT_", "PASSTHROUGH_",
-    "TTT_", "PRE_EXPORT", "QKV_",
+    "TTT_", "PRE_EXPORT",
 )
 # Variables of the launcher (torchrun), the accelerator stack and the shell are never knobs, however close to one
 # they are spelled. Any other variable within a typo's distance of a knob is an error.
@@ -103,7 +102,8 @@ def typo_distance(a: str, b: str) -> int:
 def looks_like_typo(name: str, knob: str) -> bool:
     """One edit away, or two in a long name (MAX_WALLCLOK_SECOND): near enough to be a slip of the keyboard,
     far enough that NUM_THREADS is not taken for NUM_HEADS."""
-    return typo_distance(name, knob) <= (2 if min(len(name), len(knob)) >= 14 else 1)
+    allowed = 2 if min(len(name), len(knob)) >= 14 else 1
+    return abs(len(name) - len(knob)) <= allowed and typo_distance(name, knob) <= allowed  # the first test is cheap
 
 
 class Hyperparameters:
@@ -1052,12 +1052,8 @@ class ExponentialMovingAverage:
 #   independently, so one solve quantizes every matrix reading the same input (Q, K, V) at every candidate width.
 # - The tied embedding is solved as the output head (with the final hidden states' H); lookup tables (bigram,
 #   value embeddings) are rounded per row, rows weighted by how often calibration read them.
-# - Widths: QUANT_ALLOC=1 gives each tensor a width in QUANT_MIN_BITS..QUANT_MAX_BITS, greedily by predicted loss
-#   removed per compressed byte, up to QUANT_TARGET_BYTES for code + artifact; QUANT_ALLOC=0 uses QUANT_BITS for
-#   block matrices and EMBED_QUANT_BITS for the rest.
-# - Each quantized tensor is compressed on its own (LZMA2, values one per byte, then the fp16 scales), so the exact
-#   size of every tensor at every width is known before the widths are chosen, and the artifact's total is exact.
-#   Gains, gates and S4D kernels pass through in fp16 (fp32 where fp16 would change them by more than 1e-3).
+# - Each quantized tensor is compressed on its own, so the exact size of every tensor at every width is known
+#   before the widths are chosen (choose_widths), and the artifact's total is exact.
 
 ARTIFACT_MAGIC = b"S4DXSA3\n"
 # Knobs an artifact or checkpoint fixes: evaluating it rebuilds the model from these, whatever the environment says.
@@ -1168,7 +1164,7 @@ def choose_row_scales(w: Tensor, qmax: Tensor, column_weight: Tensor | None = No
     best = absmax / qmax
     for frac in fractions:
         scale = (absmax * frac / qmax).half().float().clamp_min(1e-8)
-        q = torch.minimum(torch.maximum((w / scale[:, None]).round(), -qmax[:, None]), qmax[:, None])
+        q = (w / scale[:, None]).round().clamp(-qmax[:, None], qmax[:, None])
         err = ((w - q * scale[:, None]).square() * cw).sum(dim=1)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
@@ -1179,8 +1175,7 @@ def quantize_rtn(w: Tensor, qmax: Tensor, column_weight: Tensor | None = None) -
     """Per-row round-to-nearest with a clip search: (int8 values, fp16 scales)."""
     w = w.float()
     scale = choose_row_scales(w, qmax, column_weight)
-    q = torch.minimum(torch.maximum((w / scale[:, None]).round(), -qmax[:, None]), qmax[:, None])
-    return q.to(torch.int8), scale.half()
+    return (w / scale[:, None]).round().clamp(-qmax[:, None], qmax[:, None]).to(torch.int8), scale.half()
 
 
 def gptq_quantize(w: Tensor, hessian: Tensor, qmax: Tensor, block_size: int, damp: float) -> tuple[Tensor, Tensor]:
@@ -1212,7 +1207,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, qmax: Tensor, block_size: int, dam
         err_blk = torch.zeros_like(w_blk)
         for j in range(i2 - i1):
             col = w_blk[:, j:j + 1]
-            q_col = torch.minimum(torch.maximum((col / s).round(), -qmax), qmax)
+            q_col = (col / s).round().clamp(-qmax, qmax)
             q[:, i1 + j:i1 + j + 1] = q_col
             err = (col - q_col * s) / h_blk[j, j]
             w_blk[:, j:] -= err * h_blk[j:j + 1, j:]
@@ -1339,7 +1334,6 @@ def quantize_model(model: GPT, stats: dict, args: Hyperparameters, code_bytes: i
             cand.blob = blob
     passthrough = {k: v.to(passthrough_dtype(v, args.passthrough_fp16)) for k, v in state.items()
                    if k not in options}
-    choice = {name: 0 for name in options}
     artifact = {"config": {k: env_string(args.values[k]) for k in MODEL_KEYS}, "passthrough": passthrough,
                 "tensors": {name: cands[0] for name, cands in options.items()}}
 
@@ -1347,15 +1341,14 @@ def quantize_model(model: GPT, stats: dict, args: Hyperparameters, code_bytes: i
         return code_bytes + len(serialize_artifact(artifact))
 
     if args.quant_alloc:
-        fixed = total() - sum(len(cands[0].blob) for cands in options.values())
-        choice = choose_widths(options, args.quant_target_bytes - fixed - 64)  # 64: the header's digits may grow
-        artifact["tensors"] = {name: options[name][i] for name, i in choice.items()}
-        while total() > args.quant_target_bytes:  # the 64-byte allowance fell short: take the cheapest step down
-            name = min((n for n in choice if choice[n] > 0), key=lambda n: (
-                options[n][choice[n] - 1].loss - options[n][choice[n]].loss) / max(
-                len(options[n][choice[n]].blob) - len(options[n][choice[n] - 1].blob), 1))
-            choice[name] -= 1
-            artifact["tensors"][name] = options[name][choice[name]]
+        budget = args.quant_target_bytes - total() + sum(len(cands[0].blob) for cands in options.values())
+        while True:  # the header records the chosen sizes, so it may grow by a few bytes: then choose again
+            choice = choose_widths(options, budget)
+            artifact["tensors"] = {name: options[name][i] for name, i in choice.items()}
+            over = total() - args.quant_target_bytes
+            if over <= 0:
+                break
+            budget -= over
     chosen = artifact["tensors"].values()
     widths = sorted(c.bits for c in chosen)
     lines = [f"quant_tensor {name} bits:{c.bits} bytes:{len(c.blob)} predicted_loss:{c.loss:.3e}"
@@ -1506,6 +1499,13 @@ def finish_scores(sums: Tensor, num_targets: int, world_size: int, per_target: T
     return val_loss, val_loss / math.log(2) * count / byte_count, int(count)
 
 
+def stream_windows(num_targets: int, seq_len: int, stride: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """(window length, starts, first scored positions) for the whole stream: windows no longer than the stream,
+    stride 0 meaning non-overlapping."""
+    seq_len = min(seq_len, num_targets)
+    return seq_len, *plan_windows(num_targets, seq_len, min(stride or seq_len, seq_len))
+
+
 def rank_share(n: int, rank: int, world_size: int) -> slice:
     per_rank = -(-n // world_size)
     return slice(min(n, rank * per_rank), min(n, (rank + 1) * per_rank))
@@ -1515,8 +1515,7 @@ def evaluate(token_losses, val: dict, seq_len: int, stride: int, batch_seqs: int
              device: torch.device, use_autocast: bool, per_target: Tensor | None = None) -> tuple[float, float, int]:
     """(val_loss nats/token, val_bpb, targets scored) over the whole validation stream, with fixed weights."""
     num_targets = val["tokens"].numel() - 1
-    seq_len = min(seq_len, num_targets)
-    starts, firsts = plan_windows(num_targets, seq_len, min(stride, seq_len) if stride else seq_len)
+    seq_len, starts, firsts = stream_windows(num_targets, seq_len, stride)
     mine = rank_share(len(starts), rank, world_size)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
     score_windows(token_losses, val, starts[mine], firsts[mine], seq_len, batch_seqs, device, use_autocast, sums,
@@ -1537,8 +1536,7 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
     targets, what adapted on what)."""
     tokens = val["tokens"]
     num_targets = tokens.numel() - 1
-    seq_len = min(args.eval_seq_len, num_targets)
-    starts, firsts = plan_windows(num_targets, seq_len, min(args.eval_stride or seq_len, seq_len))
+    seq_len, starts, firsts = stream_windows(num_targets, args.eval_seq_len, args.eval_stride)
     first_target = starts + firsts
     chunk_of = first_target // args.ttt_chunk_tokens
     chunks = np.split(np.arange(len(starts)), np.flatnonzero(np.diff(chunk_of)) + 1)
@@ -1717,7 +1715,7 @@ class Run:
     """What every phase needs: the knobs, this process's place in the job, its device and the log."""
 
     def __init__(self, args: Hyperparameters, log: RunLog, code: bytes, place: tuple[bool, int, int, int],
-                 demo: bool):
+                 demo: bool, launch: float):
         self.args, self.log, self.code, self.demo = args, log, code, demo
         self.distributed, self.rank, self.world_size, self.local_rank = place
         self.master = self.rank == 0
@@ -1730,11 +1728,20 @@ class Run:
         self.checkpoint: dict | None = None  # trained weights and calibration statistics (EXPORT_CHECKPOINT)
         self.val: dict = {}  # validation tokens and target bytes (load_evaluation_data)
         self.token_losses = None  # per-token loss of the (compiled) model (build_model)
-        self.launch = time.perf_counter()
+        self.launch = launch
 
     def sync(self) -> None:
         if self.use_cuda:
             torch.cuda.synchronize()
+
+    def score(self, stride: int) -> tuple[float, float, int, float]:
+        """The current weights over the whole validation stream: (val_loss, val_bpb, targets, seconds)."""
+        self.sync()
+        t0 = time.perf_counter()
+        loss, bpb, count = evaluate(self.token_losses, self.val, self.args.eval_seq_len, stride,
+                                    self.args.eval_batch_seqs, self.rank, self.world_size, self.device, self.use_cuda)
+        self.sync()
+        return loss, bpb, count, time.perf_counter() - t0
 
 
 def process_place() -> tuple[bool, int, int, int]:
@@ -1745,7 +1752,7 @@ def process_place() -> tuple[bool, int, int, int]:
     return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def start_run(log: RunLog, code: bytes, place: tuple[bool, int, int, int]) -> Run:
+def start_run(log: RunLog, code: bytes, place: tuple[bool, int, int, int], launch: float) -> Run:
     """SET-UP: the knobs (an artifact or checkpoint fixes the model's shape), the device, the process group, and
     the head of the log. A configuration error stops the run here, before any data or model work."""
     env = {k: v for k, v in os.environ.items() if not (k == "RUN_ID" and not v)}  # RUN_ID= is no RUN_ID
@@ -1765,7 +1772,7 @@ def start_run(log: RunLog, code: bytes, place: tuple[bool, int, int, int]) -> Ru
     default_data = DATA_PATH_PATTERN.format(env.get("VOCAB_SIZE", DEFAULT_VOCAB_SIZE))
     demo = not use_cuda and "DATA_PATH" not in env and not os.path.isdir(default_data)
     args = Hyperparameters(env=env, defaults=dict(DEMO_DEFAULTS if demo else {}, RUN_ID=log.run_id))
-    run = Run(args, log, code, place, demo)
+    run = Run(args, log, code, place, demo, launch)
     if args.eval_artifact:
         run.artifact, run.artifact_blob = source, blob
     elif args.export_checkpoint:
@@ -1972,8 +1979,7 @@ def train(run: Run, base_model: GPT) -> tuple[DistributedTokenLoader, dict]:
         if args.val_loss_every and step > 0 and (last_step or step % args.val_loss_every == 0):
             run.sync()
             training_ms += 1000 * (time.perf_counter() - t0)
-            loss, bpb, _ = evaluate(run.token_losses, run.val, args.eval_seq_len, args.eval_seq_len,
-                                    args.eval_batch_seqs, run.rank, run.world_size, run.device, run.use_cuda)
+            loss, bpb, _, _ = run.score(args.eval_seq_len)
             log(f"step:{step}/{args.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
                 f"train_time:{training_ms:.0f}ms step_avg:{training_ms / step:.2f}ms")
             run.sync()
@@ -2121,8 +2127,8 @@ def evaluate_pre_export(run: Run, base_model: GPT) -> None:
     """The checkpoint's weights before quantization, scored with non-overlapping windows (and sliding ones with
     PRE_EXPORT_SLIDING=1): the reference for the quantization gap."""
     args, log, checkpoint = run.args, run.log, run.checkpoint
-    base_model.load_state_dict(checkpoint["state"])
-    if args.export_checkpoint:
+    if args.export_checkpoint:  # a run that trained already holds these weights
+        base_model.load_state_dict(checkpoint["state"])
         facts = checkpoint["facts"]
         log(f"export_only: checkpoint {args.export_checkpoint}: steps:{facts['steps']} train_plus_calibration:"
             f"{1000 * facts['train_plus_calibration_s']:.0f}ms within_wallclock:"
@@ -2131,13 +2137,9 @@ def evaluate_pre_export(run: Run, base_model: GPT) -> None:
     strides = [("", args.eval_seq_len)] + ([("_sliding_window", args.eval_stride)]
                                            if args.pre_export_sliding and args.eval_stride else [])
     for label, stride in strides:
-        run.sync()
-        t0 = time.perf_counter()
-        loss, bpb, _ = evaluate(run.token_losses, run.val, args.eval_seq_len, stride, args.eval_batch_seqs, run.rank,
-                                run.world_size, run.device, run.use_cuda)
-        run.sync()
+        loss, bpb, _, seconds = run.score(stride)
         log(f"pre_export{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} weights:"
-            f"{'ema' if checkpoint['facts']['ema'] else 'final'} eval_time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            f"{'ema' if checkpoint['facts']['ema'] else 'final'} eval_time:{1000 * seconds:.0f}ms")
         log.update(**{f"pre_quant{label}_val_loss": loss, f"pre_quant{label}_val_bpb": bpb})
 
 
@@ -2193,17 +2195,12 @@ def final_evaluation(run: Run, base_model: GPT) -> dict:
     passes = [("roundtrip", args.eval_seq_len)] + ([("sliding_window", args.eval_stride)] if args.eval_stride else [])
     tag = f"final_{artifact_tag(run.artifact)}"
     for label, stride in passes:
-        run.sync()
-        t0 = time.perf_counter()
-        loss, bpb, count = evaluate(run.token_losses, run.val, args.eval_seq_len, stride, args.eval_batch_seqs,
-                                    run.rank, run.world_size, run.device, run.use_cuda)
-        run.sync()
-        seconds = time.perf_counter() - t0
+        loss, bpb, count, seconds = run.score(stride)
         log(f"{tag}_{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} seq_len:{args.eval_seq_len} stride:{stride} "
             f"tokens:{count} eval_time:{1000 * seconds:.0f}ms")
         log(f"{tag}_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         results[label] = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": seconds}
-    if args.ttt_enabled:  # last: it changes the weights
+    if args.ttt_enabled:  # last: it changes the weights, and nothing reads them afterwards
         run.sync()
         t0 = time.perf_counter()
         loss, bpb, count, facts = evaluate_ttt(base_model, run.token_losses, run.val, args, run.rank, run.world_size,
@@ -2218,7 +2215,6 @@ def final_evaluation(run: Run, base_model: GPT) -> dict:
             f"stride:{args.eval_stride or args.eval_seq_len} tokens:{count} eval_time:{1000 * seconds:.0f}ms")
         log(f"{tag}_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         results["ttt"] = dict(facts, val_loss=loss, val_bpb=bpb, eval_seconds=seconds)
-        base_model.load_state_dict(dequantize_state(run.artifact), strict=True)
     return results
 
 
@@ -2253,15 +2249,15 @@ def assess_validity(m: dict) -> tuple[dict[str, bool | None], list[str]]:
     return flags, broken
 
 
-def record_validity(run: Run, results: dict) -> None:
-    """The run's facts: scores, sizes, timings and the validity flags, all from what this run measured."""
+def record_validity(run: Run, results: dict) -> int:
+    """The run's facts: scores, sizes, timings and the validity flags, all from what this run measured. Returns
+    the exit status: 1 over the size cap (the run is not a submission), 0 otherwise."""
     args, log = run.args, run.log
     training = run.checkpoint["facts"] if run.checkpoint is not None else {}
     headline = results.get("ttt", results.get("sliding_window", results["roundtrip"]))
     eval_seconds = sum(r["eval_seconds"] for r in results.values())
     sizes = submission_bytes(run.code, run.artifact_blob)
-    measured = dict(training, max_wallclock_seconds=training.get("max_wallclock_seconds"),
-                    val_max_tokens=args.val_max_tokens, eval_seconds=eval_seconds,
+    measured = dict(training, val_max_tokens=args.val_max_tokens, eval_seconds=eval_seconds,
                     bytes_total=sizes["bytes_total"], score_first=results.get("ttt", {}).get("score_first", True))
     flags, broken = assess_validity(measured)
     cal = (f"{training['calibration_seqs']} training sequences, {training['calibration_ms']:.0f} ms, "
@@ -2278,6 +2274,7 @@ def record_validity(run: Run, results: dict) -> None:
     if not sizes["under_limit"]:
         log(f"ERROR: total submission size {sizes['bytes_total']} bytes exceeds {SIZE_LIMIT_BYTES}: "
             f"this run is NOT a valid submission")
+    return 0 if sizes["under_limit"] else 1
 
 
 # -----------------------------
@@ -2300,8 +2297,7 @@ def main() -> int:
     log = RunLog(os.environ.get("RUN_ID") or str(uuid.uuid4()), place[1] == 0, code)
     launch = time.perf_counter()
     try:
-        run = start_run(log, code, place)
-        run.launch = launch
+        run = start_run(log, code, place, launch)
         sp, run.val = load_evaluation_data(run)
         base_model, run.token_losses = build_model(run, sp.bos_id())
         if run.artifact is None:  # train (or take a saved model), then export
@@ -2311,14 +2307,13 @@ def main() -> int:
                 save_checkpoint(run, run.checkpoint)
             evaluate_pre_export(run, base_model)
             export(run, base_model)
-        results = final_evaluation(run, base_model)
-        record_validity(run, results)
+        status = record_validity(run, final_evaluation(run, base_model))
     except BaseException as error:
         log.fail(error)
         raise
     if run.distributed:
         leave_process_group()
-    return 0 if submission_bytes(code, run.artifact_blob)["under_limit"] else 1
+    return status
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ exact only for a tokenizer without <unk> (the sp8192 tokenizer has byte fallback
 sp8192 shards to sp1024, not the other way. Used for A/B runs of two vocabularies on exactly the same text."""
 
 import argparse
-import glob
 import multiprocessing as mp
 import os
 import sys
@@ -41,7 +40,7 @@ def main() -> None:
     ap.add_argument("--split", default="train", choices=("train", "val"))
     ap.add_argument("--shard-tokens", type=int, default=20_000_000)
     a = ap.parse_args()
-    files = sorted(glob.glob(os.path.join(a.src_dir, f"fineweb_{a.split}_*.bin")))
+    files = tg.find_shards(a.src_dir, a.split)  # every header checked
     stream = np.concatenate([tg.load_data_shard(f).numpy() for f in files])
     src = spm.SentencePieceProcessor(model_file=a.src_model)
     bos = src.bos_id()

@@ -60,6 +60,26 @@ def markov_batches(vocab: int, n_batches: int, seqs: int, seq_len: int, seed: in
     return out
 
 
+def train_tiny(args, steps: int = 30, seed: int = 0):
+    """A tiny GPT trained `steps` steps on markov_batches (and checked to learn when steps >= 30); returns it with
+    its batches plus 4 more, for calibration or evaluation."""
+    torch.manual_seed(seed)
+    model = tg.GPT(args)
+    optimizers = tg.build_optimizers(model, args)
+    batches = markov_batches(args.vocab_size, steps + 4, 16, args.train_seq_len, seed=seed)
+    first = None
+    for x, y in batches[:steps]:
+        loss = model(x, y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        first = loss.item() if first is None else first
+    assert steps < 30 or loss.item() < first - 0.5, "the tiny model did not train"
+    model.eval()
+    return model, batches
+
+
 # Non-ASCII text for the byte-counting tests: 2-byte (é, ü), 3-byte (日, 東) characters in the vocabulary, and
 # characters never seen in training (☃, Ω) that only byte fallback can encode.
 NON_ASCII_DOCS = [

@@ -11,10 +11,9 @@ import subprocess
 import sys
 
 from conftest import REPO_ROOT
-from test_end_to_end import RUN_ENV, clean_env, data_env, new_workdir
+from test_end_to_end import EXACT, RUN_ENV, clean_env, data_env, new_workdir
 
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:([0-9.]+) ", re.M)
-EXACT = re.compile(r"^final_\w+?_(roundtrip|sliding_window|ttt)_exact val_loss:([0-9.]+) val_bpb:([0-9.]+)$", re.M)
 PRE = re.compile(r"^pre_export val_loss:([0-9.]+) ", re.M)
 
 

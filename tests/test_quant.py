@@ -4,7 +4,6 @@ the artifact round trip at every width, and the size rule."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import markov_batches, tiny_args, tiny_env
+from conftest import tiny_args, tiny_env, train_tiny
 
 CPU = torch.device("cpu")
 
@@ -32,24 +31,6 @@ def check_range(q: torch.Tensor, scale: torch.Tensor, rows: int, bits: int) -> N
     assert scale.dtype == torch.float16 and scale.shape == (rows,)
     assert (scale > 0).all()
     assert int(q.min()) >= -qmax and int(q.max()) <= qmax
-
-
-def train_tiny(args, steps: int = 30, seed: int = 0):
-    torch.manual_seed(seed)
-    model = tg.GPT(args)
-    optimizers = tg.build_optimizers(model, args)
-    batches = markov_batches(args.vocab_size, steps + 4, 16, args.train_seq_len, seed=seed)
-    first = None
-    for x, y in batches[:steps]:
-        loss = model(x, y)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        first = loss.item() if first is None else first
-    assert steps < 30 or loss.item() < first - 0.5, "the tiny model did not train"
-    model.eval()
-    return model, batches
 
 
 @pytest.fixture(scope="module")

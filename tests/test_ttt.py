@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import markov_batches, randomize_, tiny_args
+from conftest import markov_batches, randomize_, tiny_args, train_tiny
 from test_distributed import run_on_two_ranks
 
 TTT_ENV = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="64", TTT_EPOCHS="2")
@@ -90,14 +90,7 @@ def test_it_adapts_to_the_stream():
     """A model trained on one Markov chain, evaluated on the same chain with its tokens renamed: TTT learns the
     new chain as it goes."""
     args = tiny_args(**TTT_ENV, TTT_LR="0.05")
-    torch.manual_seed(0)
-    model = tg.GPT(args)
-    optimizers = tg.build_optimizers(model, args)
-    for x, y in markov_batches(128, 20, 16, 32, seed=0):
-        model(x, y).backward()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    model, _ = train_tiny(args, steps=20)
     tokens = torch.randperm(128, generator=torch.Generator().manual_seed(9))[stream(2000, seed=9)]  # another chain
     sliding = tg.evaluate(model.token_losses, val_of(tokens), 32, 8, 4, 0, 1, torch.device("cpu"), False)
     ttt = tg.evaluate_ttt(model, model.token_losses, val_of(tokens), args, 0, 1, torch.device("cpu"), False)
