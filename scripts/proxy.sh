@@ -7,7 +7,7 @@
 #   s786 GPU RUN_ID [VAR=VALUE...]     throughput: 40 steps at the competition shape, no evaluation to speak of
 #   again GPU RUN_ID CKPT [VAR=...]    export a saved checkpoint again (EXPORT_CHECKPOINT) and evaluate it: export
 #                                      and evaluation variants on the same trained weights
-# VOCAB_SIZE=8192 among the VAR=VALUE pairs selects the sp8192 data. Each run writes logs/RUN_ID.{txt,json}, which
+# VOCAB_SIZE=1024 among the VAR=VALUE pairs selects the sp1024 data (the script's default is 8192). Each run writes logs/RUN_ID.{txt,json}, which
 # are then packed into $OUT/logs.tgz (when $OUT is set). A run is stopped after $LIMIT seconds (default 590).
 # SCRIPT=other.py runs another revision of the script, for an A/B of two revisions.
 export PYTHONUNBUFFERED=1
@@ -24,8 +24,8 @@ setup_data() {
     done
 }
 
-_data_for() {  # DATA_PATH and TOKENIZER_PATH for the VOCAB_SIZE among the arguments (1024 unless given)
-    local vocab=1024 a
+_data_for() {  # DATA_PATH and TOKENIZER_PATH for the VOCAB_SIZE among the arguments (8192 unless given)
+    local vocab=8192 a
     for a in "$@"; do case "$a" in VOCAB_SIZE=*) vocab=${a#VOCAB_SIZE=};; esac; done
     if [ "$vocab" = 8192 ]; then echo "DATA_PATH=/tmp/sp8192 TOKENIZER_PATH=/tmp/sp8192/fineweb_8192_bpe.model"
     else echo "DATA_PATH=/tmp/enwiki TOKENIZER_PATH=/tmp/enwiki/fineweb_1024_bpe.model"; fi

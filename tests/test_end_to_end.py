@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import train_gpt as tg
-from conftest import SCRIPT_PATH
+from conftest import REPO_ROOT, SCRIPT_PATH
 
 RUN_ENV = {
     "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "VOCAB_SIZE": "512",
@@ -204,6 +204,32 @@ def test_export_only_reproduces_the_artifact_bit_for_bit(run, demo_data_dir, tmp
     other = json.loads((workdir / "logs" / "uniform.json").read_text(encoding="utf-8"))
     assert other["pre_quant_val_loss"] == run.facts["pre_quant_val_loss"]  # the same weights
     assert other["bytes_model"] < run.facts["bytes_model"]  # int5 matrices: a smaller artifact
+
+
+def test_the_packed_script_runs_counts_its_own_bytes_and_holds_the_exact_source(run, demo_data_dir,
+                                                                                  tmp_path_factory):
+    """scripts/pack.py: the packed script exports the same checkpoint to the same model bytes and scores, counts
+    its own (smaller) size as the code, archives itself in the log, and unpacks to the exact source."""
+    workdir = tmp_path_factory.mktemp("e2e_packed")
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "pack.py"), str(SCRIPT_PATH),
+                           str(workdir / "train_gpt.py")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    packed = (workdir / "train_gpt.py").read_bytes()
+    assert len(packed) < 0.45 * len(run.code) and packed.count(b"\n") == 1
+    unpacked = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "pack.py"), "--unpack",
+                               str(workdir / "train_gpt.py")], capture_output=True, timeout=60)
+    assert unpacked.returncode == 0 and unpacked.stdout == run.code
+    again = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "pack.py"), str(SCRIPT_PATH),
+                            str(workdir / "train_gpt.py")], capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "exists" in again.stderr and (workdir / "train_gpt.py").read_bytes() == packed
+    env = clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="packed", EXPORT_CHECKPOINT=str(run.checkpoint))
+    proc = run_script(workdir, env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    facts = json.loads((workdir / "logs" / "packed.json").read_text(encoding="utf-8"))
+    assert facts["bytes_code"] == len(packed) and facts["bytes_model"] == run.facts["bytes_model"]
+    log = (workdir / "logs" / "packed.txt").read_text(encoding="utf-8")
+    assert packed.decode() in log
+    assert {k: v[0] for k, v in exact_lines(log).items()} == {k: v[0] for k, v in exact_lines(run.log).items()}
 
 
 def failed_run(tmp_path_factory, name: str, env: dict, timeout: float = 120) -> tuple[subprocess.CompletedProcess, str]:

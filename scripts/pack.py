@@ -1,0 +1,62 @@
+"""Pack train_gpt.py into a self-extracting script for a submission.
+
+The script's bytes count toward the 16,000,000, and the allocator gives every byte the code does not take to the
+weights. The packed file is one line that decompresses the exact source (LZMA, base85) and runs it: it behaves as
+the source does, reads and counts its own (packed) bytes, and embeds them in its logs. Records since #1394 ship
+their code this way.
+
+    python3 scripts/pack.py train_gpt.py submission/train_gpt.py    # write the packed script
+    python3 scripts/pack.py --unpack submission/train_gpt.py         # print the source it holds
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import lzma
+import re
+import sys
+from pathlib import Path
+
+LOADER = 'import base64,lzma;exec(compile(lzma.decompress(base64.b85decode("{}")),__file__,"exec"))\n'
+PACKED = re.compile(r'^import base64,lzma;exec\(compile\(lzma\.decompress\(base64\.b85decode\("([^"]*)"\)\),'
+                    r'__file__,"exec"\)\)\n$')
+
+
+def pack(source: bytes) -> bytes:
+    compile(source, "source", "exec")  # only valid Python is worth packing
+    return LOADER.format(base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode()).encode()
+
+
+def unpack(packed: bytes) -> bytes:
+    match = PACKED.match(packed.decode("ascii", errors="replace"))
+    if match is None:
+        raise ValueError("not a script written by scripts/pack.py")
+    return lzma.decompress(base64.b85decode(match.group(1)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--unpack", action="store_true", help="print the source a packed script holds")
+    parser.add_argument("source", type=Path)
+    parser.add_argument("dest", type=Path, nargs="?")
+    args = parser.parse_args()
+    if args.unpack:
+        sys.stdout.buffer.write(unpack(args.source.read_bytes()))
+        return
+    if args.dest is None or args.dest.resolve() == args.source.resolve():
+        parser.error("give a destination other than the source")
+    if args.dest.exists():
+        parser.error(f"{args.dest} exists: pack into a new path (nothing is overwritten)")
+    source = args.source.read_bytes()
+    packed = pack(source)
+    if unpack(packed) != source:
+        raise RuntimeError("the packed script does not decompress to the source")
+    args.dest.parent.mkdir(parents=True, exist_ok=True)
+    args.dest.write_bytes(packed)
+    print(f"{args.dest}: {len(packed):,} bytes (the source: {len(source):,}); "
+          f"{len(source) - len(packed):,} bytes more for the weights")
+
+
+if __name__ == "__main__":
+    main()
