@@ -20,6 +20,7 @@ import lzma
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -1777,7 +1778,10 @@ class RunLog:
 
     def fail(self, error: BaseException) -> None:
         """The run stops here: its log's last line and its facts say why."""
-        what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+        if isinstance(error, KeyboardInterrupt):
+            what = f"interrupted ({error})" if str(error) else "interrupted"
+        else:
+            what = f"{type(error).__name__}: {error}"
         self(f"ERROR: {what}")
         self.update(status="failed", error=what)
 
@@ -2360,10 +2364,17 @@ def leave_process_group() -> None:
     dist.destroy_process_group()
 
 
+def stop_on_signal(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler, `timeout`, torchrun stopping its workers) ends the run as Ctrl-C does: the log's last
+    line and the facts say so, and what the run already wrote stays."""
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
 def main() -> int:
     """Set-up, data, model; then training and calibration (or a saved checkpoint), export (or a saved artifact);
     then the final evaluation and the validity verdict. Returns the exit status: 1 if over the size cap."""
     code = Path(__file__).read_bytes()
+    signal.signal(signal.SIGTERM, stop_on_signal)
     place = process_place()
     log = RunLog(os.environ.get("RUN_ID") or str(uuid.uuid4()), place[1] == 0, code)
     launch = time.perf_counter()

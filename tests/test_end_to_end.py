@@ -248,6 +248,33 @@ def failed_run(tmp_path_factory, name: str, env: dict, timeout: float = 120) -> 
     return proc, last
 
 
+def test_sigterm_ends_the_log_and_keeps_what_the_run_wrote(demo_data_dir, tmp_path_factory):
+    """A run stopped by SIGTERM in the middle of training ends its log with the reason and its facts say failed."""
+    workdir = new_workdir(tmp_path_factory, "sigterm")
+    log_path = workdir / "logs" / "sigterm.txt"
+    env = clean_env(**data_env(demo_data_dir), **dict(RUN_ENV, RUN_ID="sigterm", ITERATIONS="100000",
+                                                      TRAIN_LOG_EVERY="1"))
+    proc = subprocess.Popen([sys.executable, "train_gpt.py"], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log_path.exists() and re.search(r"^step:3/", log_path.read_text(encoding="utf-8"), re.M)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 3"
+            time.sleep(0.2)
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    log = log_path.read_text(encoding="utf-8")
+    last = log.rstrip("\n").rsplit("\n", 1)[-1]
+    assert last == "ERROR: interrupted (stopped by SIGTERM)" and last in out
+    assert re.search(r"^step:3/100000 train_loss:", log, re.M)  # what it logged before the signal stays
+    facts = json.loads((workdir / "logs" / "sigterm.json").read_text(encoding="utf-8"))
+    assert facts["status"] == "failed" and facts["error"] == "interrupted (stopped by SIGTERM)"
+    assert not (workdir / "final_model.ptz").exists()
+
+
 def test_bad_knob_ends_the_log(demo_data_dir, tmp_path_factory):
     _, last = failed_run(tmp_path_factory, "badenv", dict(**data_env(demo_data_dir), **RUN_ENV, SSM_MODE="bogus"))
     assert "SSM_MODE" in last and "bogus" in last
