@@ -1057,7 +1057,8 @@ class ExponentialMovingAverage:
 # - The tied embedding is solved as the output head (with the final hidden states' H); lookup tables (bigram,
 #   value embeddings) are rounded per row, rows weighted by how often calibration read them.
 # - LQER (LQER_RANK): for each GPTQ matrix at each width, the rank-r correction A B of its error that minimises the
-#   same loss (a truncated SVD in the metric of f and H), stored as int8 factors: one more candidate per width.
+#   same loss (a truncated SVD in the metric of f and H; for the tied embedding, of its output-head term), stored as
+#   int8 factors: one more candidate per width, priced by the full loss like the others.
 # - Each quantized tensor is compressed on its own, so the exact size of every tensor at every width is known
 #   before the widths are chosen (choose_widths), and the artifact's total is exact.
 
@@ -1228,14 +1229,15 @@ def gptq_quantize(w: Tensor, hessian: Tensor, qmax: Tensor, block_size: int, dam
 
 def lowrank_correction(delta: Tensor, row_weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, ...]:
     """LQER: int8 factors (A [rows, r], per-column fp16 scales; B [r, cols], per-row fp16 scales) of the rank-r C
-    minimising sum_r w_r ((delta - C) H (delta - C)^T)_rr, with H = chol chol^T: the truncated SVD of
-    diag(sqrt w) delta chol, mapped back (the singular values split evenly between the factors)."""
-    root_w = row_weight.float().clamp_min(1e-12 * float(row_weight.max().clamp_min(1e-30))).sqrt()
-    U, S, Vh = torch.linalg.svd(root_w[:, None] * delta.float() @ chol, full_matrices=False)
-    rank = min(rank, S.numel())
-    root_s = S[:rank].sqrt()
-    a = U[:, :rank] * root_s / root_w[:, None]
-    b = torch.linalg.solve_triangular(chol.T, Vh[:rank].T * root_s, upper=True).T
+    minimising sum_r w_r ((delta - C) H (delta - C)^T)_rr, with H = chol chol^T. With V_r the top right singular
+    vectors of diag(sqrt w) delta chol, the optimum is C = (delta chol V_r) (V_r^T chol^-1): no division by w, so
+    rows of tiny weight stay finite. Each rank-1 term is split so that its two factors have the same largest value."""
+    Vr = torch.linalg.svd(row_weight.float().sqrt()[:, None] * delta.float() @ chol, full_matrices=False)[2][:rank]
+    a = delta.float() @ chol @ Vr.T
+    b = torch.linalg.solve_triangular(chol.T, Vr.T, upper=True).T
+    a_max, b_max = a.abs().amax(dim=0), b.abs().amax(dim=1)
+    balance = torch.where((a_max > 0) & (b_max > 0), (b_max / a_max.clamp_min(1e-30)).sqrt(), torch.ones_like(a_max))
+    a, b = a * balance, b / balance[:, None]
     a_scale = (a.abs().amax(dim=0) / 127).clamp_min(1e-7).half()
     b_scale = (b.abs().amax(dim=1) / 127).clamp_min(1e-7).half()
     return ((a / a_scale.float()).round().clamp(-127, 127).to(torch.int8), a_scale,
@@ -1311,7 +1313,10 @@ def quantize_candidates(state: dict[str, Tensor], model: GPT, stats: dict, args:
         else:
             q, scale = gptq_quantize(w, H, qmax, args.gptq_block_size, args.gptq_damp)
         delta = w - q.float() * scale.float()[:, None]
-        chol = damped_cholesky(H, args.gptq_damp) if args.lqer_rank and args.quant_alloc else None
+        chol = None
+        if args.lqer_rank and args.quant_alloc:
+            dead = H.diagonal() == 0  # inputs never active: GPTQ zeroed their weights, and their error costs nothing
+            chol = damped_cholesky(H + torch.diag(dead.float()), args.gptq_damp)
         for b, name, r in slices(group, bits):
             def loss(d: Tensor) -> float:
                 row_loss = energy[name] * ((d @ H) * d).sum(1).double()
@@ -1321,8 +1326,8 @@ def quantize_candidates(state: dict[str, Tensor], model: GPT, stats: dict, args:
 
             cands = out.setdefault(f"{name}.weight", [])
             cands.append(QuantCandidate(b, q[r].cpu(), scale[r].cpu(), loss(delta[r])))
-            if chol is not None:
-                lowrank = lowrank_correction(delta[r], energy[name], chol, args.lqer_rank)
+            if chol is not None and bool((energy[name] > 0).any()):  # no gradient energy: no loss to remove
+                lowrank = lowrank_correction(delta[r] * ~dead, energy[name], chol, args.lqer_rank)
                 cands.append(QuantCandidate(b, cands[-1].q, cands[-1].scale, loss(delta[r] - lowrank_product(lowrank)),
                                             tuple(t.cpu() for t in lowrank)))
     for name in lookup_tables(model):
@@ -1358,6 +1363,8 @@ def choose_widths(options: dict[str, list[QuantCandidate]], budget: int) -> dict
             if spent + extra > budget:  # the room only shrinks: an upgrade that does not fit now never will
                 continue
             gain = cands[i].loss - cands[j].loss
+            if not math.isfinite(gain):  # a candidate whose loss could not be computed is never bought
+                continue
             ratio = math.inf if extra <= 0 <= gain else gain / max(extra, 1)
             if best is None or ratio > best[0]:
                 best = (ratio, j)
@@ -1778,7 +1785,7 @@ class RunLog:
 
     def fail(self, error: BaseException) -> None:
         """The run stops here: its log's last line and its facts say why."""
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, (KeyboardInterrupt, Stopped)):
             what = f"interrupted ({error})" if str(error) else "interrupted"
         else:
             what = f"{type(error).__name__}: {error}"
@@ -2364,10 +2371,17 @@ def leave_process_group() -> None:
     dist.destroy_process_group()
 
 
-def stop_on_signal(signum: int, frame: object) -> None:
+class Stopped(BaseException):
     """SIGTERM (a scheduler, `timeout`, torchrun stopping its workers) ends the run as Ctrl-C does: the log's last
-    line and the facts say so, and what the run already wrote stays."""
-    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+    line and the facts say so, what the run already wrote stays, and the exit status is the signal's (128 + 15)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_status = 128 + signum
+
+
+def stop_on_signal(signum: int, frame: object) -> None:
+    raise Stopped(signum)
 
 
 def main() -> int:
@@ -2399,7 +2413,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    status = main()
+    try:
+        status = main()
+    except Stopped as stopped:  # the log already ends with the reason
+        status = stopped.exit_status
     if process_place()[0]:
         # Gloo's worker threads drop a finished collective's tensors a moment after the caller resumes and need the
         # GIL to do it; a rank in interpreter shutdown then aborts ("terminate called without an active exception").

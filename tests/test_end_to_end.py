@@ -257,7 +257,7 @@ def test_sigterm_ends_the_log_and_keeps_what_the_run_wrote(demo_data_dir, tmp_pa
     proc = subprocess.Popen([sys.executable, "train_gpt.py"], cwd=workdir, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not (log_path.exists() and re.search(r"^step:3/", log_path.read_text(encoding="utf-8"), re.M)):
             assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 3"
             time.sleep(0.2)
@@ -265,7 +265,7 @@ def test_sigterm_ends_the_log_and_keeps_what_the_run_wrote(demo_data_dir, tmp_pa
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode != 0
+    assert proc.returncode == 128 + 15  # the exit status of a process the signal ended
     log = log_path.read_text(encoding="utf-8")
     last = log.rstrip("\n").rsplit("\n", 1)[-1]
     assert last == "ERROR: interrupted (stopped by SIGTERM)" and last in out

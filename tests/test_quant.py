@@ -4,6 +4,7 @@ the artifact round trip at every width, and the size rule."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -264,6 +265,37 @@ def test_lowrank_correction_is_the_weighted_optimum():
     assert rounded < weighted_error(delta, w, H) - 0.9 * float(S[:rank].square().sum())
 
 
+@pytest.mark.parametrize("case", ["zero rows", "tiny rows", "no weight", "dead inputs"])
+def test_lowrank_correction_stays_finite_and_optimal_at_the_edges(case):
+    """Rows of zero or 1e-12 weight (outputs the loss barely reads) and never-active inputs keep the factors
+    finite, with fp16 scales in range, and the correction still reaches the weighted optimum."""
+    torch.manual_seed(1)
+    rows, cols, rank = 40, 24, 3
+    X = torch.randn(200, cols) * torch.linspace(0.1, 3, cols)
+    H = (X.T @ X / 200).double()
+    w = torch.rand(rows).double()
+    delta = torch.randn(rows, cols).double() * 0.01
+    if case == "zero rows":
+        w[::3] = 0
+    elif case == "tiny rows":
+        w[::2] *= 1e-12
+    elif case == "no weight":
+        w.zero_()
+    elif case == "dead inputs":
+        H[:, :5] = 0
+        H[:5, :] = 0
+        delta[:, :5] = 0
+    L = tg.damped_cholesky((H + torch.diag((H.diagonal() == 0).double())).float(), 0.0).double()
+    a, sa, b, sb = tg.lowrank_correction(delta, w, L.float(), rank)
+    assert torch.isfinite(sa.float()).all() and torch.isfinite(sb.float()).all() and (sa > 0).all() and (sb > 0).all()
+    corrected = delta - tg.lowrank_product((a, sa, b, sb)).double()
+    assert torch.isfinite(corrected).all()
+    S = torch.linalg.svdvals(w.sqrt()[:, None] * delta @ L)
+    optimum, before = float(S[rank:].square().sum()), weighted_error(delta, w, H)
+    after = weighted_error(corrected, w, H)
+    assert after <= optimum + 0.02 * (before - optimum) + 1e-30, (after, optimum, before)
+
+
 def test_lqer_candidates_lower_the_predicted_and_the_measured_loss(trained):
     """Each GPTQ matrix gets, at each width, a corrected candidate on the same grid: it predicts less loss, and
     installing it measurably lowers the calibration loss where the prediction says so."""
@@ -318,6 +350,15 @@ def test_the_allocator_buys_lqer_and_the_artifact_keeps_it(trained):
         assert torch.equal(state[name], c.weight())
     name, c = next(iter(corrected.items()))
     assert not torch.equal(c.weight(), c.q.float() * c.scale.float()[:, None])
+    # corrupt factors are refused like any other corruption
+    a, sa, b_, sb = c.lowrank
+    for bad in ((a, sa, b_[:, 1:], sb), (a[1:], sa, b_, sb), (a, sa[:1], b_, sb)):
+        broken = tg.QuantCandidate(c.bits, c.q, c.scale, 0.0, bad)
+        extra = tg.encode_quantized(*bad)
+        broken.blob, broken.lowrank_bytes = tg.encode_quantized(c.q, c.scale) + extra, len(extra)
+        tampered = dict(artifact, tensors=dict(artifact["tensors"], **{name: broken}))
+        with pytest.raises(ValueError, match="x.ptz is not an artifact"):
+            tg.deserialize_artifact(tg.serialize_artifact(tampered), "x.ptz")
 
 
 # ---------------------------------------------------------------- width allocation
@@ -368,6 +409,15 @@ def test_choose_widths_takes_a_smaller_upgrade_when_the_steepest_does_not_fit():
         options["A"][-1].blob = b"x" * size
     assert tg.choose_widths(options, 205) == {"A": 1}  # 6 bits is the steeper step, but only 5 bits fits
     assert tg.choose_widths(options, 210) == {"A": 2}
+
+
+def test_choose_widths_never_buys_a_candidate_without_a_loss():
+    options = {"t": []}
+    for size, loss in ((10, 1.0), (12, math.nan), (20, 0.1)):
+        options["t"].append(tg.QuantCandidate(5, torch.zeros(1, 1, dtype=torch.int8), torch.ones(1).half(), loss))
+        options["t"][-1].blob = b"x" * size
+    assert tg.choose_widths(options, 100) == {"t": 2}
+    assert tg.choose_widths(options, 15) == {"t": 0}
 
 
 def test_choose_widths_prefers_the_sensitive_tensor_and_refuses_an_impossible_budget():
