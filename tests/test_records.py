@@ -253,6 +253,25 @@ def test_record_folder_check_on_a_synthetic_record(tmp_path):
         ss.summarize(folder, reference_loss=1.92)
 
 
+def test_a_record_of_the_packed_script(tmp_path):
+    """A folder holding the packed script (scripts/pack.py) and logs that archived it passes; the readable source
+    in its place is refused, since the logs did not run it."""
+    spec = importlib.util.spec_from_file_location("pack", ROOT / "scripts" / "pack.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    source = (ROOT / "train_gpt.py").read_bytes()
+    packed = pack.pack(source)
+    folder = three_runs(tmp_path / "records" / "track_10min_16mb" / "2026-01-02_Packed", source=packed.decode())
+    (folder / "train_gpt.py").write_bytes(packed)
+    warnings = []
+    sub = ss.summarize(folder, reference_loss=1.92, warn=warnings.append)
+    assert warnings == [] and sub["bytes_code"] == len(packed) < len(source) / 2
+    assert record_folder_problems(folder) == [] and pack.unpack(packed) == source
+    (folder / "train_gpt.py").write_bytes(source)
+    with pytest.raises(ss.RecordError, match="differs from"):
+        ss.summarize(folder, reference_loss=1.92)
+
+
 def test_real_record_folders():
     folders = sorted(p for p in ROOT.glob("records/*/*") if p.is_dir() and "__pycache__" not in p.parts)
     if not folders:
