@@ -1297,6 +1297,18 @@ def quantize_candidates(state: dict[str, Tensor], model: GPT, stats: dict, args:
         qmax = torch.cat([torch.full((w.size(0),), 2.0 ** (b - 1) - 1, device=device) for b in bits])
         return w.repeat(len(bits), 1), qmax
 
+    lookup_energy = {"tok_emb": "tok_emb.input", **{name: name for name in lookup_tables(model)}}
+
+    def predicted_loss(name: str, d: Tensor, H: Tensor | None) -> float:
+        """1/2 sum over rows of the error d: through the output (f_r (d H d^T)_rr, for a matrix with input H) and,
+        for a table read by lookup (the tied embedding is both), through each row's reads."""
+        row_loss = torch.zeros(d.size(0), dtype=torch.float64, device=d.device)
+        if H is not None:
+            row_loss += energy[name] * ((d @ H) * d).sum(1).double()
+        if name in lookup_energy:
+            row_loss += counts[name] * (d.double().square() @ energy[lookup_energy[name]])
+        return 0.5 * float(row_loss.sum())
+
     def slices(names: list[str], bits: list[int]):  # (width, name, its rows in the stacked solve)
         row = 0
         for b in bits:
@@ -1318,17 +1330,12 @@ def quantize_candidates(state: dict[str, Tensor], model: GPT, stats: dict, args:
             dead = H.diagonal() == 0  # inputs never active: GPTQ zeroed their weights, and their error costs nothing
             chol = damped_cholesky(H + torch.diag(dead.float()), args.gptq_damp)
         for b, name, r in slices(group, bits):
-            def loss(d: Tensor) -> float:
-                row_loss = energy[name] * ((d @ H) * d).sum(1).double()
-                if name == "tok_emb":  # the tied table is also the input embedding: rows cost by how often read
-                    row_loss += counts["tok_emb"] * (d.double().square() @ energy["tok_emb.input"])
-                return 0.5 * float(row_loss.sum())
-
             cands = out.setdefault(f"{name}.weight", [])
-            cands.append(QuantCandidate(b, q[r].cpu(), scale[r].cpu(), loss(delta[r])))
+            cands.append(QuantCandidate(b, q[r].cpu(), scale[r].cpu(), predicted_loss(name, delta[r], H)))
             if chol is not None and bool((energy[name] > 0).any()):  # no gradient energy: no loss to remove
                 lowrank = lowrank_correction(delta[r] * ~dead, energy[name], chol, args.lqer_rank)
-                cands.append(QuantCandidate(b, cands[-1].q, cands[-1].scale, loss(delta[r] - lowrank_product(lowrank)),
+                cands.append(QuantCandidate(b, cands[-1].q, cands[-1].scale,
+                                            predicted_loss(name, delta[r] - lowrank_product(lowrank), H),
                                             tuple(t.cpu() for t in lowrank)))
     for name in lookup_tables(model):
         bits = widths(args.embed_quant_bits)
@@ -1336,18 +1343,16 @@ def quantize_candidates(state: dict[str, Tensor], model: GPT, stats: dict, args:
         q, scale = quantize_rtn(w, qmax, energy[name].float())
         delta = w - q.float() * scale.float()[:, None]
         for b, _, r in slices([name], bits):
-            row_loss = counts[name] * (delta[r].double().square() @ energy[name])
             out.setdefault(f"{name}.weight", []).append(
-                QuantCandidate(b, q[r].cpu(), scale[r].cpu(), 0.5 * float(row_loss.sum())))
+                QuantCandidate(b, q[r].cpu(), scale[r].cpu(), predicted_loss(name, delta[r], None)))
     return out
 
 
 def choose_widths(options: dict[str, list[QuantCandidate]], budget: int) -> dict[str, int]:
     """Index of the chosen candidate per tensor (candidates in order of size). Every tensor starts at its smallest;
     then, of all the upgrades that still fit the budget (to any larger one: the steepest step of each
-    loss-versus-bytes curve),
-    the one that removes the most predicted loss per extra byte is taken, until none fits. Raises ValueError
-    when even the narrowest widths do not fit."""
+    loss-versus-bytes curve), the one that removes the most predicted loss per extra byte is taken, until none
+    fits. Raises ValueError when even the smallest candidates do not fit."""
     choice = {name: 0 for name in options}
     spent = sum(len(cands[0].blob) for cands in options.values())
     if spent > budget:
@@ -1752,6 +1757,19 @@ def keep_previous(*paths: Path) -> list[tuple[Path, Path]]:
     return moved
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`, torchrun stopping its workers) ends the run as Ctrl-C does: the log's last
+    line and the facts say so, what the run already wrote stays, and the exit status is the signal's (128 + 15)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_status = 128 + signum
+
+
+def stop_on_signal(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
 class RunLog:
     """Rank 0's record of the run. logs/<RUN_ID>.txt starts with this script's source and a separator line, then
     every logged line (the console gets the same lines); logs/<RUN_ID>.json holds the run's facts. Files of an
@@ -1785,7 +1803,7 @@ class RunLog:
 
     def fail(self, error: BaseException) -> None:
         """The run stops here: its log's last line and its facts say why."""
-        if isinstance(error, (KeyboardInterrupt, Stopped)):
+        if isinstance(error, KeyboardInterrupt):
             what = f"interrupted ({error})" if str(error) else "interrupted"
         else:
             what = f"{type(error).__name__}: {error}"
@@ -2369,19 +2387,6 @@ def leave_process_group() -> None:
     shutdown (see the bottom of this file)."""
     dist.barrier()
     dist.destroy_process_group()
-
-
-class Stopped(BaseException):
-    """SIGTERM (a scheduler, `timeout`, torchrun stopping its workers) ends the run as Ctrl-C does: the log's last
-    line and the facts say so, what the run already wrote stays, and the exit status is the signal's (128 + 15)."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.exit_status = 128 + signum
-
-
-def stop_on_signal(signum: int, frame: object) -> None:
-    raise Stopped(signum)
 
 
 def main() -> int:

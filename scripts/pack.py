@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 LOADER = 'import base64,lzma;exec(compile(lzma.decompress(base64.b85decode("{}")),__file__,"exec"))\n'
-PACKED = re.compile(r'^import base64,lzma;exec\(compile\(lzma\.decompress\(base64\.b85decode\("([^"]*)"\)\),'
-                    r'__file__,"exec"\)\)\n$')
+PACKED = re.compile(re.escape(LOADER).replace(re.escape("{}"), '([^"]*)'))  # the loader around its payload
 
 
 def pack(source: bytes) -> bytes:
@@ -29,7 +28,7 @@ def pack(source: bytes) -> bytes:
 
 
 def unpack(packed: bytes) -> bytes:
-    match = PACKED.match(packed.decode("ascii", errors="replace"))
+    match = PACKED.fullmatch(packed.decode("ascii", errors="replace"))
     if match is None:
         raise ValueError("not a script written by scripts/pack.py")
     return lzma.decompress(base64.b85decode(match.group(1)))
