@@ -3,6 +3,8 @@ import importlib.util
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +272,19 @@ def test_a_record_of_the_packed_script(tmp_path):
     (folder / "train_gpt.py").write_bytes(source)
     with pytest.raises(ss.RecordError, match="differs from"):
         ss.summarize(folder, reference_loss=1.92)
+
+
+def test_the_packed_script_keeps_its_source_for_inspect(tmp_path):
+    """triton.jit reads a kernel's source through inspect: in a packed script that must find the unpacked lines
+    (the one-line file on disk holds none of them). Without that, the packed script fails at import on a GPU."""
+    spec = importlib.util.spec_from_file_location("pack", ROOT / "scripts" / "pack.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    program = 'import inspect\n\n\ndef kernel():\n    return 41 + 1\n\n\nprint(inspect.getsource(kernel), end="")\n'
+    script = tmp_path / "prog.py"
+    script.write_bytes(pack.pack(program.encode()))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout == "def kernel():\n    return 41 + 1\n", done.stderr
 
 
 def test_real_record_folders():
