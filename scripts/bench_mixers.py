@@ -1,19 +1,24 @@
 """Time one layer's forward + backward at the competition micro-batch (48 x 2048 tokens, bf16, compiled) for
-implementations of the Q/K/V convolution and for S4D mixer kernel lengths, then list the GPU kernels whose time
-the convolution adds. Writes logs/<NAME>.txt with this source.
+implementations of the Q/K/V convolution (train_gpt.py's, and the fused prototype in fused_qk_conv.py) and for S4D
+mixer kernel lengths, then list the GPU kernels whose time the convolution adds. Writes logs/<NAME>.txt with this
+source and the prototype's.
 
     python3 scripts/bench_mixers.py [NAME]      (one GPU; about a minute, mostly compilation)
 """
+import functools
 import os
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt as tg  # noqa: E402
+from fused_qk_conv import check as check_fused, fused_attention_forward  # noqa: E402
 
 B, T, DIM, ITERS = 48, 2048, 512, 30
 TRITON_CONV = tg.short_causal_conv  # the script's own: tensor-op forward, Triton backward on the GPU
@@ -43,10 +48,13 @@ VARIANTS = {"Triton backward (train_gpt.py)": TRITON_CONV,
             "tensor-op backward": TensorOpBackward.apply}
 
 
-def make_step(env: dict, conv=TRITON_CONV, ssm: bool = False):
+def make_step(env: dict, conv=TRITON_CONV, ssm: bool = False, fused_block_t: int = 0):
     args = tg.Hyperparameters(env={"VOCAB_SIZE": "8192", **env})
     tg.short_causal_conv = conv
     block = tg.Block(5, DIM, args, use_attention=not ssm, use_ssm=ssm, use_xsa=True, max_len=T).cuda()
+    if fused_block_t:
+        block.attn.forward = types.MethodType(functools.partial(fused_attention_forward, block_t=fused_block_t),
+                                              block.attn)
     lags = args.qkv_conv_size - 1
 
     def forward(x, x0, ids):
@@ -113,17 +121,22 @@ def main() -> None:
         print(line, flush=True)
 
     say(check_gradients())
-    cases = [("attention, no conv", {"QKV_CONV_SIZE": "0"}, TRITON_CONV, False)]
-    cases += [(f"conv 3: {v}", {"QKV_CONV_SIZE": "3"}, impl, False) for v, impl in VARIANTS.items()]
-    cases += [("conv 2: Triton backward", {"QKV_CONV_SIZE": "2"}, TRITON_CONV, False)]
-    cases += [(f"S4D fir {k} taps", {"SSM_KERNEL_SIZE": str(k)}, TRITON_CONV, True) for k in (64, 32)]
+    say(check_fused("cuda", torch.float32))
+    say(check_fused("cuda", torch.bfloat16))
+    conv3 = {"QKV_CONV_SIZE": "3"}
+    cases = [("attention, no conv", {"QKV_CONV_SIZE": "0"}, TRITON_CONV, False, 0)]
+    cases += [(f"conv 3: {v}", conv3, impl, False, 0) for v, impl in VARIANTS.items()]
+    cases += [(f"conv 3: FusedQK on Q and K, block {bt} (scripts/fused_qk_conv.py)", conv3, TRITON_CONV, False, bt)
+              for bt in (16, 32, 64)]
+    cases += [("conv 2: Triton backward", {"QKV_CONV_SIZE": "2"}, TRITON_CONV, False, 0)]
+    cases += [(f"S4D fir {k} taps", {"SSM_KERNEL_SIZE": str(k)}, TRITON_CONV, True, 0) for k in (64, 32)]
     base, profiles = None, {}
-    for label, env, impl, ssm in cases:
+    for label, env, impl, ssm, block_t in cases:
         t0 = time.perf_counter()
         try:
-            step = make_step(env, impl, ssm)
+            step = make_step(env, impl, ssm, block_t)
             ms = layer_ms(step)
-            if label == "attention, no conv" or label.startswith("conv 3: Triton"):
+            if label.startswith(("attention, no conv", "conv 3: Triton", "conv 3: FusedQK on Q and K, block 32")):
                 profiles[label] = kernel_us(step)
         except Exception as e:  # one failing variant must not hide the others
             say(f"{label}: FAILED {type(e).__name__}: {str(e)[:300]}")
@@ -133,15 +146,16 @@ def main() -> None:
         say(f"{label}: {ms:.3f} ms/layer/micro-step, vs no conv {ms - base:+.3f} "
             f"(x 8 micro-steps x 9 layers = {(ms - base) * 72:+.1f} ms/step) [{time.perf_counter() - t0:.0f} s]")
         torch._dynamo.reset()
-    if len(profiles) == 2:
-        without, with_conv = profiles.values()
-        say("GPU kernels whose time changes with the conv (us per layer and micro-batch, with - without):")
+    without = profiles.pop("attention, no conv", None)
+    for label, with_conv in profiles.items() if without is not None else ():
+        say(f"GPU kernels whose time changes, {label} (us per layer and micro-batch, with - without):")
         for key in sorted(set(without) | set(with_conv), key=lambda k: without.get(k, 0) - with_conv.get(k, 0)):
             diff = with_conv.get(key, 0.0) - without.get(key, 0.0)
             if abs(diff) >= 2.0:
                 say(f"  {diff:+8.1f}  {key[:110]}")
     with open(f"logs/{name}.txt", "w") as f:
-        f.write("\n".join(lines) + "\n\n" + "=" * 100 + "\n" + open(__file__).read())
+        f.write("\n".join(lines) + "\n\n" + "=" * 100 + "\n" + open(__file__).read() + "\n" + "=" * 100 + "\n"
+                + open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_qk_conv.py")).read())
 
 
 if __name__ == "__main__":

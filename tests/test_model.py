@@ -618,6 +618,16 @@ def test_triton_backward_of_the_qkv_conv_matches_autograd():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+def test_the_fused_qk_prototype_matches_the_attention_layer():
+    """scripts/fused_qk_conv.py (the Q/K convolution fused with RMSNorm, rotary and gain, measured by
+    scripts/bench_mixers.py) checks itself against autograd and against CausalSelfAttention in Triton's CPU
+    interpreter. Skipped where Triton is not installed."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "fused_qk_conv.py")], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0 and done.stdout.count("worst relative error") == 2, done.stderr[-3000:]
+
+
 def test_qkv_conv_taps_pass_through_the_artifact():
     args = tiny_args(QKV_CONV_SIZE=3, QUANT_ALLOC=0)
     torch.manual_seed(0)
