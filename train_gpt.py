@@ -604,12 +604,13 @@ def short_causal_conv_ops(x: Tensor, weight: Tensor, masks: Tensor) -> Tensor:
 
 if triton is not None:
     @triton.jit
-    def _short_conv_backward_kernel(g_ptr, x_ptr, m_ptr, w_ptr, gx_ptr, gw_ptr, N, C, rows_per_program,
+    def _short_conv_backward_kernel(g_ptr, x_ptr, m_ptr, w_ptr, gx_ptr, gw_ptr, N, T, C, rows_per_program,
                                     LAGS: tl.constexpr, LAGS_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
                                     BLOCK_C: tl.constexpr):
-        """One pass over g and x for both gradients. Rows are tokens (B*T flattened, masks already zero across
-        sequences and documents); a program owns BLOCK_C channels of rows_per_program rows and writes its partial
-        weight gradient [LAGS, BLOCK_C], which the caller sums."""
+        """One pass over g and x for both gradients. Rows are tokens (B*T flattened); a lag never reaches into the
+        previous sequence (position t mod T >= lag, as the forward's padding), and the masks cut documents. A
+        program owns BLOCK_C channels of rows_per_program rows and writes its partial weight gradient
+        [LAGS, BLOCK_C], which the caller sums."""
         pid_n, pid_c = tl.program_id(0), tl.program_id(1)
         cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
@@ -625,13 +626,13 @@ if triton is not None:
             for lag in tl.static_range(1, LAGS + 1):
                 w = tl.load(w_ptr + (lag - 1) * C + cols, mask=col_ok, other=0.0)
                 ahead = rows + lag  # y[n + lag] read x[n]
-                ok = ahead < N
+                ok = (ahead < N) & (ahead % T >= lag)
                 m_ahead = tl.load(m_ptr + (lag - 1) * N + ahead, mask=ok, other=0.0)
                 g_ahead = tl.load(g_ptr + ahead[:, None] * C + cols[None, :], mask=ok[:, None] & col_ok[None, :],
                                   other=0.0)
                 gx += w[None, :] * m_ahead[:, None] * g_ahead.to(tl.float32)
                 behind = rows - lag  # y[n] read x[n - lag] through weight[lag - 1]
-                ok = (behind >= 0) & row_ok
+                ok = (rows % T >= lag) & row_ok
                 m_here = tl.load(m_ptr + (lag - 1) * N + rows, mask=row_ok, other=0.0)
                 x_behind = tl.load(x_ptr + behind[:, None] * C + cols[None, :], mask=ok[:, None] & col_ok[None, :],
                                    other=0.0)
@@ -645,6 +646,7 @@ if triton is not None:
 def short_conv_backward(g: Tensor, x: Tensor, masks: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of short_causal_conv for x [B, T, C] and weight [lags, C] (fp32), from one Triton kernel."""
     lags, C = weight.shape
+    T = x.size(1)
     g2, x2 = g.reshape(-1, C).contiguous(), x.reshape(-1, C).contiguous()
     N = g2.size(0)
     # 128 tokens x 64 channels, four warps, four programs per multiprocessor: the fastest of 17 shapes timed on an
@@ -660,7 +662,7 @@ def short_conv_backward(g: Tensor, x: Tensor, masks: Tensor, weight: Tensor) -> 
     gx = torch.empty_like(g2)
     gw = torch.empty(row_programs, lags, C, device=g.device, dtype=torch.float32)
     _short_conv_backward_kernel[(row_programs, col_blocks)](
-        g2, x2, masks.reshape(lags, N).float().contiguous(), weight.float().contiguous(), gx, gw, N, C,
+        g2, x2, masks.reshape(lags, N).float().contiguous(), weight.float().contiguous(), gx, gw, N, T, C,
         rows_per_program, LAGS=lags, LAGS_POW2=triton.next_power_of_2(lags), BLOCK_N=block_n, BLOCK_C=block_c,
         num_warps=4)
     return gx.view_as(g), gw.sum(0)

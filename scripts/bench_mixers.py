@@ -132,6 +132,7 @@ def main() -> None:
     cases += [(f"S4D fir {k} taps", {"SSM_KERNEL_SIZE": str(k)}, TRITON_CONV, True, 0) for k in (64, 32)]
     base, profiles = None, {}
     for label, env, impl, ssm, block_t in cases:
+        torch._dynamo.reset()  # each case compiles its own graphs
         t0 = time.perf_counter()
         try:
             step = make_step(env, impl, ssm, block_t)
@@ -141,11 +142,14 @@ def main() -> None:
         except Exception as e:  # one failing variant must not hide the others
             say(f"{label}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue
-        base = ms if base is None else base
+        if label == "attention, no conv":
+            base = ms
+        elif base is None:
+            say(f"{label}: {ms:.3f} ms/layer/micro-step (no baseline)")
+            continue
         # 8 micro-steps per 786,432-token step; 9 attention layers in the default hybrid
         say(f"{label}: {ms:.3f} ms/layer/micro-step, vs no conv {ms - base:+.3f} "
             f"(x 8 micro-steps x 9 layers = {(ms - base) * 72:+.1f} ms/step) [{time.perf_counter() - t0:.0f} s]")
-        torch._dynamo.reset()
     without = profiles.pop("attention, no conv", None)
     for label, with_conv in profiles.items() if without is not None else ():
         say(f"GPU kernels whose time changes, {label} (us per layer and micro-batch, with - without):")

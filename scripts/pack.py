@@ -24,19 +24,32 @@ from pathlib import Path
 LOADER = ('import base64,linecache,lzma;_source=lzma.decompress(base64.b85decode("{}")).decode();'
           'linecache.cache[__file__]=(len(_source),None,_source.splitlines(True),__file__);'
           'exec(compile(_source,__file__,"exec"))\n')
-PACKED = re.compile(re.escape(LOADER).replace(re.escape("{}"), '([^"]*)'))  # the loader around its payload
+# Scripts packed before the linecache step still unpack (their logs archive them).
+EARLIER_LOADERS = ('import base64,lzma;exec(compile(lzma.decompress(base64.b85decode("{}")),__file__,"exec"))\n',)
+PACKED = [re.compile(re.escape(loader).replace(re.escape("{}"), '([^"]*)')) for loader in (LOADER, *EARLIER_LOADERS)]
+# str.splitlines also breaks at these, the tokenizer does not: linecache's line numbers would shift.
+ODD_LINE_BREAKS = "\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 def pack(source: bytes) -> bytes:
     compile(source, "source", "exec")  # only valid Python is worth packing
+    try:
+        text = source.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the source is not UTF-8 ({e}); the loader decodes it as UTF-8") from None
+    odd = sorted({repr(c) for c in text if c in ODD_LINE_BREAKS or c == "\ufeff"})
+    if odd:
+        raise ValueError(f"the source holds {', '.join(odd)}: only \\n may end a line, and no byte-order mark")
     return LOADER.format(base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)).decode()).encode()
 
 
 def unpack(packed: bytes) -> bytes:
-    match = PACKED.fullmatch(packed.decode("ascii", errors="replace"))
-    if match is None:
-        raise ValueError("not a script written by scripts/pack.py")
-    return lzma.decompress(base64.b85decode(match.group(1)))
+    text = packed.decode("ascii", errors="replace")
+    for pattern in PACKED:
+        match = pattern.fullmatch(text)
+        if match is not None:
+            return lzma.decompress(base64.b85decode(match.group(1)))
+    raise ValueError("not a script written by scripts/pack.py")
 
 
 def main() -> None:

@@ -587,21 +587,22 @@ TRITON_BACKWARD_CHECK = """
 import torch, train_gpt as tg
 assert tg.triton is not None
 torch.manual_seed(0)
-for lags, C, T_ in ((1, 20, 300), (2, 200, 300), (3, 130, 7)):
+for lags, C, T_, one_document in ((1, 20, 300, False), (2, 200, 300, False), (3, 130, 7, False), (2, 70, 50, True)):
     ids = torch.randint(4, 50, (3, T_))
     ids[:, ::13] = 1
     ids[1, 0] = 5  # a sequence that starts inside a document
-    masks = tg.same_document_masks(ids, 1, lags)
+    # all-true masks: only the sequence boundary stops a lag (the forward's padding); the kernel must agree
+    masks = torch.ones(lags, 3, T_, 1, dtype=torch.bool) if one_document else tg.same_document_masks(ids, 1, lags)
     x = torch.randn(3, T_, C, requires_grad=True)
-    w = (0.3 * torch.randn(lags, C)).requires_grad_()
+    full = (0.3 * torch.randn(lags, C + 9)).requires_grad_()
     g = torch.randn(3, T_, C)
-    tg.short_causal_conv_ops(x, w, masks).backward(g)
-    want = x.grad.clone(), w.grad.clone()
-    x.grad = w.grad = None
-    tg.ShortConvFunction.apply(x, w, masks).backward(g)
+    tg.short_causal_conv_ops(x, full[:, 4:4 + C], masks).backward(g)  # a column slice, as the model passes
+    want = x.grad.clone(), full.grad.clone()
+    x.grad = full.grad = None
+    tg.ShortConvFunction.apply(x, full[:, 4:4 + C], masks).backward(g)
     torch.testing.assert_close(x.grad, want[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(w.grad, want[1], atol=1e-4, rtol=1e-5)
-    assert (w.grad - want[1]).abs().max() < 1e-3 * want[1].abs().max()
+    torch.testing.assert_close(full.grad, want[1], atol=1e-4, rtol=1e-5)
+    assert (full.grad - want[1]).abs().max() < 1e-3 * want[1].abs().max()
 print("ok")
 """
 
@@ -609,10 +610,12 @@ print("ok")
 def test_triton_backward_of_the_qkv_conv_matches_autograd():
     """The GPU's fused backward (one Triton kernel for grad x and grad weight), run by Triton's CPU interpreter:
     three lag counts, channel counts that are not multiples of the 64-channel block, runs of rows split over
-    several programs with a ragged last one, documents and a sequence that starts mid-document. Skipped where
-    Triton is not installed (CPU-only PyTorch)."""
+    several programs with a ragged last one, documents, a sequence that starts mid-document, masks that leave
+    only the sequence boundary, and the weight as a column slice. Skipped where Triton is not installed
+    (CPU-only PyTorch)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     done = subprocess.run([sys.executable, "-c", TRITON_BACKWARD_CHECK], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]

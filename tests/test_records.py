@@ -1,6 +1,8 @@
 """Tests of records/summarize_seeds.py (t distribution, folder summary) and of the record folders in records/."""
+import base64
 import importlib.util
 import json
+import lzma
 import math
 import shutil
 import subprocess
@@ -285,6 +287,20 @@ def test_the_packed_script_keeps_its_source_for_inspect(tmp_path):
     script.write_bytes(pack.pack(program.encode()))
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout == "def kernel():\n    return 41 + 1\n", done.stderr
+
+
+def test_pack_refuses_sources_whose_lines_the_loader_would_misnumber_and_unpacks_earlier_scripts():
+    spec = importlib.util.spec_from_file_location("pack", ROOT / "scripts" / "pack.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    for bad, reason in ((b"\xef\xbb\xbfx = 1\n", r"'\\ufeff'"), (b"x = 1\x0c\ny = 2\n", r"'\\x0c'"),
+                        (b"x = 1\r\ny = 2\n", r"'\\r'"),
+                        ("# coding: latin-1\nx = '\xe9'\n".encode("latin-1"), "not UTF-8")):
+        with pytest.raises(ValueError, match=reason):
+            pack.pack(bad)
+    source = b"print('hi')\n"
+    earlier = pack.EARLIER_LOADERS[0].format(base64.b85encode(lzma.compress(source)).decode()).encode()
+    assert pack.unpack(earlier) == source and pack.unpack(pack.pack(source)) == source
 
 
 def test_real_record_folders():
