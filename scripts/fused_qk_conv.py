@@ -31,6 +31,21 @@ def _conv_rows(x_ptr, m_ptr, w_ptr, rows, cols, N, HD, LAGS: tl.constexpr):
 
 
 @triton.jit
+def _rotary_at(cos_ptr, sin_ptr, rows, N, T, D: tl.constexpr, HALF: tl.constexpr):
+    """For rows [BLOCK] and head dims d: each dim's rotation partner and sign (out[d] = r[d] c + sign r[partner] s)
+    and the cos/sin at each row's position (1 and 0 past the rotated dims, as Rotary.forward leaves them)."""
+    d = tl.arange(0, D)
+    rot = d < 2 * HALF
+    partner = tl.where(d < HALF, d + HALF, tl.where(rot, d - HALF, d))
+    sign = tl.where(d < HALF, 1.0, -1.0)
+    cs_off = (rows % T)[:, None] * HALF + tl.where(d < HALF, d, d - HALF)[None, :]
+    in_range = (rows < N)[:, None] & rot[None, :]
+    c = tl.load(cos_ptr + cs_off, mask=in_range, other=1.0)
+    s = tl.load(sin_ptr + cs_off, mask=in_range, other=0.0)
+    return partner, sign, c, s
+
+
+@triton.jit
 def _qk_forward_kernel(x_ptr, m_ptr, w_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, N, T, H, eps,
                        LAGS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr,
                        HAS_GAIN: tl.constexpr):
@@ -39,17 +54,10 @@ def _qk_forward_kernel(x_ptr, m_ptr, w_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr,
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = rows < N
     d = tl.arange(0, D)
-    rot = d < 2 * HALF
-    partner = tl.where(d < HALF, d + HALF, tl.where(rot, d - HALF, d))
-    sign = tl.where(d < HALF, 1.0, -1.0)
-    freq = tl.where(d < HALF, d, d - HALF)
+    partner, sign, c, s = _rotary_at(cos_ptr, sin_ptr, rows, N, T, D, HALF)
     y = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + d, N, HD, LAGS)
     yp = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + partner, N, HD, LAGS)
     rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / D + eps)
-    pos = rows % T
-    cs_off = pos[:, None] * HALF + freq[None, :]
-    c = tl.load(cos_ptr + cs_off, mask=ok[:, None] & rot[None, :], other=1.0)
-    s = tl.load(sin_ptr + cs_off, mask=ok[:, None] & rot[None, :], other=0.0)
     out = (y * c + sign[None, :] * yp * s) * rstd[:, None]
     if HAS_GAIN:
         out = out * tl.load(gain_ptr + h)
@@ -64,19 +72,12 @@ def _qk_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, rows, h,
     HD = H * D
     ok = rows < N
     d = tl.arange(0, D)
-    rot = d < 2 * HALF
-    partner = tl.where(d < HALF, d + HALF, tl.where(rot, d - HALF, d))
-    sign = tl.where(d < HALF, 1.0, -1.0)
-    freq = tl.where(d < HALF, d, d - HALF)
+    partner, sign, c, s = _rotary_at(cos_ptr, sin_ptr, rows, N, T, D, HALF)
     y = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + d, N, HD, LAGS)
     rstd = tl.load(rstd_ptr + rows * H + h, mask=ok, other=0.0)
     r = y * rstd[:, None]
     go = tl.load(go_ptr + rows[:, None] * HD + (h * D + d)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     gop = tl.load(go_ptr + rows[:, None] * HD + (h * D + partner)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    pos = rows % T
-    cs_off = pos[:, None] * HALF + freq[None, :]
-    c = tl.load(cos_ptr + cs_off, mask=ok[:, None] & rot[None, :], other=1.0)
-    s = tl.load(sin_ptr + cs_off, mask=ok[:, None] & rot[None, :], other=0.0)
     g_rot = go * c - sign[None, :] * gop * s  # Rᵀ g_out
     gain_dot = tl.sum(g_rot * r, axis=1)
     g_r = g_rot * gain

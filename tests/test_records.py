@@ -17,6 +17,9 @@ from conftest import REPO_ROOT as ROOT
 _spec = importlib.util.spec_from_file_location("summarize_seeds", ROOT / "records" / "summarize_seeds.py")
 ss = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ss)
+_pack_spec = importlib.util.spec_from_file_location("pack", ROOT / "scripts" / "pack.py")
+pack = importlib.util.module_from_spec(_pack_spec)
+_pack_spec.loader.exec_module(pack)
 
 SEP = ss.SEPARATOR
 SIZE_LIMIT = 16_000_000
@@ -260,9 +263,6 @@ def test_record_folder_check_on_a_synthetic_record(tmp_path):
 def test_a_record_of_the_packed_script(tmp_path):
     """A folder holding the packed script (scripts/pack.py) and logs that archived it passes; the readable source
     in its place is refused, since the logs did not run it."""
-    spec = importlib.util.spec_from_file_location("pack", ROOT / "scripts" / "pack.py")
-    pack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pack)
     source = (ROOT / "train_gpt.py").read_bytes()
     packed = pack.pack(source)
     folder = three_runs(tmp_path / "records" / "track_10min_16mb" / "2026-01-02_Packed", source=packed.decode())
@@ -279,9 +279,6 @@ def test_a_record_of_the_packed_script(tmp_path):
 def test_the_packed_script_keeps_its_source_for_inspect(tmp_path):
     """triton.jit reads a kernel's source through inspect: in a packed script that must find the unpacked lines
     (the one-line file on disk holds none of them). Without that, the packed script fails at import on a GPU."""
-    spec = importlib.util.spec_from_file_location("pack", ROOT / "scripts" / "pack.py")
-    pack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pack)
     program = 'import inspect\n\n\ndef kernel():\n    return 41 + 1\n\n\nprint(inspect.getsource(kernel), end="")\n'
     script = tmp_path / "prog.py"
     script.write_bytes(pack.pack(program.encode()))
@@ -290,9 +287,6 @@ def test_the_packed_script_keeps_its_source_for_inspect(tmp_path):
 
 
 def test_pack_refuses_sources_whose_lines_the_loader_would_misnumber_and_unpacks_earlier_scripts():
-    spec = importlib.util.spec_from_file_location("pack", ROOT / "scripts" / "pack.py")
-    pack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pack)
     for bad, reason in ((b"\xef\xbb\xbfx = 1\n", r"'\\ufeff'"), (b"x = 1\x0c\ny = 2\n", r"'\\x0c'"),
                         (b"x = 1\r\ny = 2\n", r"'\\r'"),
                         ("# coding: latin-1\nx = '\xe9'\n".encode("latin-1"), "not UTF-8")):
