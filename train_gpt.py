@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-try:  # Triton (bundled with CUDA builds of PyTorch): the fused backward of the Q/K/V convolution.
+try:  # Triton (bundled with CUDA builds of PyTorch): the fused kernels of the Q/K/V convolution.
     import triton
     import triton.language as tl
 except ImportError:
@@ -535,8 +535,11 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+RMS_NORM_EPS = 1e-6
+
+
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),), eps=1e-6)
+    return F.rms_norm(x, (x.size(-1),), eps=RMS_NORM_EPS)
 
 
 class Rotary(nn.Module):
@@ -581,16 +584,23 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 def same_document_masks(ids: Tensor, bos_id: int, lags: int) -> Tensor:
-    """[lags, B, T, 1]: 1 where token t - lag (lag 1..lags) exists and belongs to t's document (no BOS after it)."""
+    """[lags, B, T, 1] fp32 (once per forward, as the kernels read them): 1 where token t - lag (lag 1..lags) exists
+    and belongs to t's document (no BOS after it)."""
     doc = torch.cumsum(ids == bos_id, dim=1)
-    return torch.stack([F.pad(doc[:, :-lag], (lag, 0), value=-1) == doc for lag in range(1, lags + 1)])[..., None]
+    masks = torch.stack([F.pad(doc[:, :-lag], (lag, 0), value=-1) == doc for lag in range(1, lags + 1)])
+    return masks[..., None].float()
+
+
+def triton_kernels_for(x: Tensor) -> bool:
+    """The Triton kernels run on the GPU, and on the CPU only in Triton's interpreter (where the tests run them)."""
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def short_causal_conv(x: Tensor, weight: Tensor, masks: Tensor) -> Tensor:
     """x [B, T, C] plus sum over lag of weight[lag - 1] * x[t - lag] within the document: a residual depthwise causal
     convolution (zero weights are the identity). The forward is a few shifted multiply-adds, which the compiler
     fuses into the kernels around it; on the GPU the backward is one Triton kernel (ShortConvFunction)."""
-    if x.is_cuda and triton is not None:
+    if triton_kernels_for(x):
         return ShortConvFunction.apply(x, weight, masks)
     return short_causal_conv_ops(x, weight, masks)
 
@@ -687,6 +697,166 @@ class ShortConvFunction(torch.autograd.Function):
         return gx, gw, None
 
 
+# Q and K are normalized and rotated right after their convolution, so on the GPU the three run as one kernel each
+# way. The backward recomputes the convolution and the norm of the rows it needs (a row's input gradient also takes
+# the gradients of the LAGS rows after it) instead of saving them: Q and K then get no pass over memory of their
+# own. Tokens per program, forward and backward:
+CONV_NORM_ROTARY_BLOCK_T = 32
+
+if triton is not None:
+    @triton.jit
+    def _conv_rows(x_ptr, m_ptr, w_ptr, rows, cols, N, T, C, LAGS: tl.constexpr):
+        """short_causal_conv at `rows` (a block, at any shift) and channels `cols`, in fp32."""
+        ok = rows < N
+        y = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        for lag in tl.static_range(1, LAGS + 1):
+            src_ok = ok & (rows % T >= lag)  # never into the previous sequence
+            w = tl.load(w_ptr + (lag - 1) * C + cols)
+            m = tl.load(m_ptr + (lag - 1) * N + rows, mask=src_ok, other=0.0)
+            xs = tl.load(x_ptr + (rows - lag)[:, None] * C + cols[None, :], mask=src_ok[:, None], other=0.0)
+            y += w[None, :] * m[:, None] * xs.to(tl.float32)
+        return y
+
+    @triton.jit
+    def _rotary_at(cos_ptr, sin_ptr, rows, N, T, D: tl.constexpr, HALF: tl.constexpr):
+        """Rotary.forward as out[d] = r[d] cos + sign[d] r[partner[d]] sin: each head dim's partner and sign, and the
+        cos and sin at each row's position (1 and 0 past the rotated dims)."""
+        d = tl.arange(0, D)
+        rotated = d < 2 * HALF
+        partner = tl.where(d < HALF, d + HALF, tl.where(rotated, d - HALF, d))
+        sign = tl.where(d < HALF, 1.0, -1.0)
+        offs = (rows % T)[:, None] * HALF + tl.where(d < HALF, d, d - HALF)[None, :]
+        in_range = (rows < N)[:, None] & rotated[None, :]
+        return (partner, sign, tl.load(cos_ptr + offs, mask=in_range, other=1.0),
+                tl.load(sin_ptr + offs, mask=in_range, other=0.0))
+
+    @triton.jit
+    def _conv_norm_rotary_forward_kernel(x_ptr, m_ptr, w_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, N, T, H,
+                                         eps, LAGS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                                         BLOCK_T: tl.constexpr, HAS_GAIN: tl.constexpr):
+        pid, h = tl.program_id(0), tl.program_id(1)
+        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, D)
+        partner, sign, c, s = _rotary_at(cos_ptr, sin_ptr, rows, N, T, D, HALF)
+        y = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + d, N, T, H * D, LAGS)
+        y_partner = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + partner, N, T, H * D, LAGS)
+        rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / D + eps)
+        out = (y * c + sign[None, :] * y_partner * s) * rstd[:, None]
+        if HAS_GAIN:
+            out = out * tl.load(gain_ptr + h)
+        ok = rows < N
+        tl.store(out_ptr + rows[:, None] * H * D + (h * D + d)[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None])
+        tl.store(rstd_ptr + rows * H + h, rstd, mask=ok)
+
+    @triton.jit
+    def _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, rows, h, N, T, H, gain,
+                                 LAGS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+        """The gradient at the convolution's output for `rows`, and each row's (Rᵀ g_out) · r for the gain's."""
+        ok = rows < N
+        d = tl.arange(0, D)
+        partner, sign, c, s = _rotary_at(cos_ptr, sin_ptr, rows, N, T, D, HALF)
+        rstd = tl.load(rstd_ptr + rows * H + h, mask=ok, other=0.0)
+        r = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + d, N, T, H * D, LAGS) * rstd[:, None]
+        go = tl.load(go_ptr + rows[:, None] * H * D + (h * D + d)[None, :], mask=ok[:, None], other=0.0)
+        go_partner = tl.load(go_ptr + rows[:, None] * H * D + (h * D + partner)[None, :], mask=ok[:, None], other=0.0)
+        g_r = go.to(tl.float32) * c - sign[None, :] * go_partner.to(tl.float32) * s  # Rᵀ g_out
+        gain_dot = tl.sum(g_r * r, axis=1)
+        g_r = g_r * gain
+        return rstd[:, None] * (g_r - r * (tl.sum(g_r * r, axis=1) / D)[:, None]), gain_dot
+
+    @triton.jit
+    def _conv_norm_rotary_backward_kernel(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, gain_ptr, rstd_ptr, gx_ptr,
+                                          gw_ptr, gg_ptr, N, T, H, rows_per_program, LAGS: tl.constexpr,
+                                          LAGS_POW2: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                                          BLOCK_T: tl.constexpr, HAS_GAIN: tl.constexpr):
+        """A program owns one head of rows_per_program rows: it writes their input gradient, and its partial
+        gradients of the taps [LAGS, D] and of the gain, which the caller sums."""
+        pid, h = tl.program_id(0), tl.program_id(1)
+        cols = h * D + tl.arange(0, D)
+        gain = tl.load(gain_ptr + h) if HAS_GAIN else 1.0
+        lag_idx = tl.arange(0, LAGS_POW2)
+        acc_w = tl.zeros([LAGS_POW2, D], dtype=tl.float32)
+        acc_gain = tl.zeros([BLOCK_T], dtype=tl.float32)
+        first = pid * rows_per_program
+        for r0 in range(first, first + rows_per_program, BLOCK_T):
+            rows = r0 + tl.arange(0, BLOCK_T)
+            ok = rows < N
+            g_y, gain_dot = _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, rows, h,
+                                                     N, T, H, gain, LAGS, D, HALF)
+            acc_gain += gain_dot
+            gx = g_y
+            for lag in tl.static_range(1, LAGS + 1):
+                w = tl.load(w_ptr + (lag - 1) * H * D + cols)
+                ahead = rows + lag  # y[n + lag] read x[n]
+                g_ahead, _ = _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, ahead,
+                                                      h, N, T, H, gain, LAGS, D, HALF)
+                ahead_ok = (ahead < N) & (ahead % T >= lag)
+                m_ahead = tl.load(m_ptr + (lag - 1) * N + ahead, mask=ahead_ok, other=0.0)
+                gx += w[None, :] * m_ahead[:, None] * g_ahead
+                behind_ok = ok & (rows % T >= lag)  # y[n] read x[n - lag]
+                m_here = tl.load(m_ptr + (lag - 1) * N + rows, mask=behind_ok, other=0.0)
+                x_behind = tl.load(x_ptr + (rows - lag)[:, None] * H * D + cols[None, :], mask=behind_ok[:, None],
+                                   other=0.0)
+                partial = tl.sum(g_y * m_here[:, None] * x_behind.to(tl.float32), axis=0)
+                acc_w += tl.where(lag_idx[:, None] == lag - 1, partial[None, :], 0.0)
+            tl.store(gx_ptr + rows[:, None] * H * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(gw_ptr + pid * LAGS * H * D + lag_idx[:, None] * H * D + cols[None, :], acc_w,
+                 mask=(lag_idx < LAGS)[:, None])
+        tl.store(gg_ptr + pid * H + h, tl.sum(acc_gain, axis=0))
+
+
+class ConvNormRotary(torch.autograd.Function):
+    """conv_norm_rotary through the two Triton kernels above. In one attention layer's forward + backward on a
+    48 x 2048 micro-batch (H200), the convolution on Q and K then costs ... (logs/bench_mixers_v10.txt)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, masks: Tensor, cos: Tensor, sin: Tensor,
+                gain: Tensor | None) -> Tensor:
+        B, T, H, D = x.shape
+        N, lags = B * T, weight.size(0)
+        x = x.contiguous()
+        m = masks.reshape(lags, N).float().contiguous()
+        w = weight.float().contiguous()
+        g = w if gain is None else gain.float().contiguous()  # without a gain, any pointer: the kernel reads none
+        out = torch.empty_like(x)
+        rstd = torch.empty(N, H, device=x.device, dtype=torch.float32)
+        block_t = CONV_NORM_ROTARY_BLOCK_T
+        _conv_norm_rotary_forward_kernel[(triton.cdiv(N, block_t), H)](
+            x, m, w, cos, sin, g, out, rstd, N, T, H, RMS_NORM_EPS, LAGS=lags, D=D, HALF=cos.size(1),
+            BLOCK_T=block_t, HAS_GAIN=gain is not None)
+        ctx.save_for_backward(x, m, w, cos, sin, g, rstd)
+        ctx.has_gain, ctx.block_t = gain is not None, block_t
+        return out
+
+    @staticmethod
+    def backward(ctx, go: Tensor) -> tuple[Tensor, Tensor, None, None, None, Tensor | None]:
+        x, m, w, cos, sin, g, rstd = ctx.saved_tensors
+        B, T, H, D = x.shape
+        N, lags, block_t = B * T, w.size(0), ctx.block_t
+        # four programs per multiprocessor, each a long run of rows, so the partial tap gradients stay few
+        programs = max(1, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count // H) \
+            if x.is_cuda else 3
+        rows_per_program = triton.cdiv(triton.cdiv(N, programs), block_t) * block_t
+        programs = triton.cdiv(N, rows_per_program)
+        gx = torch.empty_like(x)
+        gw = torch.empty(programs, lags, H * D, device=x.device, dtype=torch.float32)
+        gg = torch.empty(programs, H, device=x.device, dtype=torch.float32)
+        _conv_norm_rotary_backward_kernel[(programs, H)](
+            x, m, w, go.contiguous(), cos, sin, g, rstd, gx, gw, gg, N, T, H, rows_per_program, LAGS=lags,
+            LAGS_POW2=triton.next_power_of_2(lags), D=D, HALF=cos.size(1), BLOCK_T=block_t, HAS_GAIN=ctx.has_gain)
+        return gx, gw.sum(0), None, None, None, gg.sum(0) if ctx.has_gain else None
+
+
+def conv_norm_rotary(x: Tensor, weight: Tensor, masks: Tensor, rotary: Rotary, gain: Tensor | None) -> Tensor:
+    """rotary(rms_norm(short_causal_conv(x))), times the per-head gain if given, for x [B, T, H, D]."""
+    B, T, H, D = x.shape
+    if triton_kernels_for(x) and D & (D - 1) == 0:  # (Triton blocks are powers of two)
+        return ConvNormRotary.apply(x, weight, masks, rotary.cos, rotary.sin, gain)
+    y = rotary(rms_norm(short_causal_conv_ops(x.reshape(B, T, H * D), weight, masks).view(B, T, H, D)))
+    return y if gain is None else y * gain.to(x.dtype)[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     """GQA attention with partial RoPE, q/k RMSNorm and a learned q gain; optionally XSA, and (QKV_CONV_SIZE > 1)
     a short causal convolution on Q, K and V after their projections (Primer; Canon "B"; #966: k=3, -0.0067 bpb)."""
@@ -708,19 +878,20 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, value_embed: Tensor | None = None, conv_masks: Tensor | None = None) -> Tensor:
         B, T, dim = x.shape
-        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
-        if self.qkv_conv is not None:
-            kv_dim = k.size(-1)
-            q = short_causal_conv(q, self.qkv_conv[:, :dim], conv_masks)
-            k = short_causal_conv(k, self.qkv_conv[:, dim:dim + kv_dim], conv_masks)
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x)
+        if self.qkv_conv is None:
+            q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
+            k = self.rotary(rms_norm(k))
+        else:
+            kv_dim = v.size(-1)
+            q = conv_norm_rotary(q, self.qkv_conv[:, :dim], conv_masks, self.rotary, self.q_gain)
+            k = conv_norm_rotary(k, self.qkv_conv[:, dim:dim + kv_dim], conv_masks, self.rotary, None)
             v = short_causal_conv(v, self.qkv_conv[:, dim + kv_dim:], conv_masks)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
         if value_embed is not None:
             v = v + value_embed
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
-        q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
-        k = self.rotary(rms_norm(k))
         y = causal_attention(q, k, v)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)

@@ -1,60 +1,36 @@
-"""Time one layer's forward + backward at the competition micro-batch (48 x 2048 tokens, bf16, compiled) for
-implementations of the Q/K/V convolution (train_gpt.py's, and the fused prototype in fused_qk_conv.py) and for S4D
-mixer kernel lengths, then list the GPU kernels whose time the convolution adds. Writes logs/<NAME>.txt with this
-source and the prototype's.
+"""Time one layer's forward + backward at the competition micro-batch (48 x 2048 tokens, bf16, compiled): the
+attention layer without and with the Q/K/V convolution (train_gpt.py's fused kernels, at several block sizes, and
+the earlier per-tensor path), and S4D mixer kernel lengths; check the kernels' gradients on the GPU; then list the
+GPU kernels whose time the convolution adds. Writes logs/<NAME>.txt with this source.
 
-    python3 scripts/bench_mixers.py [NAME]      (one GPU; about a minute, mostly compilation)
+    python3 scripts/bench_mixers.py [NAME]      (one GPU; a minute or two, mostly compilation)
 """
-import functools
 import os
 import sys
 import time
-import types
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_gpt as tg  # noqa: E402
-from fused_qk_conv import check as check_fused, fused_attention_forward  # noqa: E402
 
 B, T, DIM, ITERS = 48, 2048, 512, 30
-TRITON_CONV = tg.short_causal_conv  # the script's own: tensor-op forward, Triton backward on the GPU
+FUSED = tg.conv_norm_rotary
 
 
-class TensorOpBackward(torch.autograd.Function):
-    """The convolution with its backward written out in tensor ops (the compiler fuses what it can)."""
-
-    @staticmethod
-    def forward(ctx, x, w, m):
-        ctx.save_for_backward(x, w, m)
-        return tg.short_causal_conv_ops(x, w, m)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w, m = ctx.saved_tensors
-        gx, gw = g, []
-        for lag in range(1, w.size(0) + 1):
-            gm = g * m[lag - 1].to(g.dtype)
-            gx = gx + F.pad((w[lag - 1].to(g.dtype) * gm)[:, lag:], (0, 0, 0, lag))
-            gw.append((gm[:, lag:].float() * x[:, :-lag].float()).sum((0, 1)))
-        return gx, torch.stack(gw), None
+def per_tensor_conv_norm_rotary(x, weight, masks, rotary, gain):
+    """The earlier path: Q and K convolved on their own (tensor-op forward, Triton backward), then the compiled
+    RMSNorm and rotary."""
+    B_, T_, H, D = x.shape
+    y = rotary(tg.rms_norm(tg.short_causal_conv(x.reshape(B_, T_, H * D), weight, masks).view(B_, T_, H, D)))
+    return y if gain is None else y * gain.to(x.dtype)[:, None]
 
 
-VARIANTS = {"Triton backward (train_gpt.py)": TRITON_CONV,
-            "autograd through tensor ops": tg.short_causal_conv_ops,
-            "tensor-op backward": TensorOpBackward.apply}
-
-
-def make_step(env: dict, conv=TRITON_CONV, ssm: bool = False, fused_block_t: int = 0):
+def make_step(env: dict, qk=FUSED, ssm: bool = False, block_t: int = 32):
     args = tg.Hyperparameters(env={"VOCAB_SIZE": "8192", **env})
-    tg.short_causal_conv = conv
+    tg.conv_norm_rotary, tg.CONV_NORM_ROTARY_BLOCK_T = qk, block_t
     block = tg.Block(5, DIM, args, use_attention=not ssm, use_ssm=ssm, use_xsa=True, max_len=T).cuda()
-    if fused_block_t:
-        block.attn.forward = types.MethodType(functools.partial(fused_attention_forward, block_t=fused_block_t),
-                                              block.attn)
     lags = args.qkv_conv_size - 1
 
     def forward(x, x0, ids):
@@ -92,23 +68,39 @@ def kernel_us(step) -> dict[str, float]:
     return {e.key: e.device_time_total / 5 for e in prof.key_averages()}
 
 
-def check_gradients() -> str:
-    """The Triton backward against autograd through the tensor ops, on the GPU, with documents and both lags."""
+def reference_q(x, w, masks, rot, gain):
+    y = rot(tg.rms_norm(tg.short_causal_conv_ops(x, w, masks).view(*x.shape[:2], -1, 64)))
+    return y * gain.to(x.dtype)[:, None]
+
+
+def check_gradients(dtype: torch.dtype) -> str:
+    """The kernels against autograd through the tensor ops, on the GPU, with documents: ConvNormRotary (Q: gain;
+    K: none) and ShortConvFunction (V). Reports the largest difference relative to the largest reference value."""
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (4, 300), device="cuda")
     ids[:, ::37] = 1
     masks = tg.same_document_masks(ids, 1, 2)
-    x = torch.randn(4, 300, 200, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (0.3 * torch.randn(2, 200, device="cuda")).requires_grad_()
-    g = torch.randn(4, 300, 200, device="cuda", dtype=torch.bfloat16)
-    grads = []
-    for fn in (tg.short_causal_conv_ops, TRITON_CONV):
-        x.grad = w.grad = None
-        fn(x, w, masks).backward(g)
-        grads.append((x.grad.float(), w.grad.float()))
-    (xa, wa), (xb, wb) = grads
-    return (f"gradient check (Triton vs autograd): max |dx| diff {(xa - xb).abs().max().item():.3e} "
-            f"(scale {xa.abs().max().item():.2f}), max |dw| rel diff {((wa - wb).abs().max() / wa.abs().max()).item():.3e}")
+    rot = tg.Rotary(16, 10000.0, 300).cuda()
+    x = torch.randn(4, 300, 512, device="cuda", dtype=dtype, requires_grad=True)
+    w = (0.3 * torch.randn(2, 512, device="cuda")).requires_grad_()
+    gain = (1 + 0.3 * torch.randn(8, device="cuda")).requires_grad_()
+    g = torch.randn(4, 300, 8, 64, device="cuda", dtype=dtype)
+    cases = {"ConvNormRotary": lambda: tg.ConvNormRotary.apply(x.view(4, 300, 8, 64), w, masks, rot.cos, rot.sin,
+                                                               gain),
+             "reference Q": lambda: reference_q(x, w, masks, rot, gain),
+             "ShortConvFunction": lambda: tg.ShortConvFunction.apply(x, w, masks).view(4, 300, 8, 64),
+             "reference V": lambda: tg.short_causal_conv_ops(x, w, masks).view(4, 300, 8, 64)}
+    got = {}
+    for name, fn in cases.items():
+        x.grad = w.grad = gain.grad = None
+        out = fn()
+        out.backward(g)
+        got[name] = [out.float(), x.grad.float(), w.grad.float()] + ([gain.grad.float()] if gain.grad is not None
+                                                                     else [])
+    rel = lambda a, b: max(((p - q).abs().max() / q.abs().max()).item() for p, q in zip(a, b))  # noqa: E731
+    return (f"gradient check ({dtype}), worst |kernel - autograd| / max |autograd| over output and gradients: "
+            f"ConvNormRotary {rel(got['ConvNormRotary'], got['reference Q']):.2e}, "
+            f"ShortConvFunction {rel(got['ShortConvFunction'], got['reference V']):.2e}")
 
 
 def main() -> None:
@@ -120,16 +112,14 @@ def main() -> None:
         lines.append(line)
         print(line, flush=True)
 
-    say(check_gradients())
-    say(check_fused("cuda", torch.float32))
-    say(check_fused("cuda", torch.bfloat16))
+    say(check_gradients(torch.float32))
+    say(check_gradients(torch.bfloat16))
     conv3 = {"QKV_CONV_SIZE": "3"}
-    cases = [("attention, no conv", {"QKV_CONV_SIZE": "0"}, TRITON_CONV, False, 0)]
-    cases += [(f"conv 3: {v}", conv3, impl, False, 0) for v, impl in VARIANTS.items()]
-    cases += [(f"conv 3: FusedQK on Q and K, block {bt} (scripts/fused_qk_conv.py)", conv3, TRITON_CONV, False, bt)
-              for bt in (16, 32, 64)]
-    cases += [("conv 2: Triton backward", {"QKV_CONV_SIZE": "2"}, TRITON_CONV, False, 0)]
-    cases += [(f"S4D fir {k} taps", {"SSM_KERNEL_SIZE": str(k)}, TRITON_CONV, True, 0) for k in (64, 32)]
+    cases = [("attention, no conv", {"QKV_CONV_SIZE": "0"}, FUSED, False, 32)]
+    cases += [(f"conv 3: fused Q/K (train_gpt.py), block {bt}", conv3, FUSED, False, bt) for bt in (32, 16, 64)]
+    cases += [("conv 3: per-tensor Q/K/V (the v9 path)", conv3, per_tensor_conv_norm_rotary, False, 32)]
+    cases += [("conv 2: fused Q/K (train_gpt.py), block 32", {"QKV_CONV_SIZE": "2"}, FUSED, False, 32)]
+    cases += [(f"S4D fir {k} taps", {"SSM_KERNEL_SIZE": str(k)}, FUSED, True, 32) for k in (64, 32)]
     base, profiles = None, {}
     for label, env, impl, ssm, block_t in cases:
         torch._dynamo.reset()  # each case compiles its own graphs
@@ -137,7 +127,7 @@ def main() -> None:
         try:
             step = make_step(env, impl, ssm, block_t)
             ms = layer_ms(step)
-            if label.startswith(("attention, no conv", "conv 3: Triton", "conv 3: FusedQK on Q and K, block 32")):
+            if label.startswith(("attention, no conv", "conv 3: fused Q/K (train_gpt.py), block 32", "conv 3: per")):
                 profiles[label] = kernel_us(step)
         except Exception as e:  # one failing variant must not hide the others
             say(f"{label}: FAILED {type(e).__name__}: {str(e)[:300]}")
@@ -158,8 +148,7 @@ def main() -> None:
             if abs(diff) >= 2.0:
                 say(f"  {diff:+8.1f}  {key[:110]}")
     with open(f"logs/{name}.txt", "w") as f:
-        f.write("\n".join(lines) + "\n\n" + "=" * 100 + "\n" + open(__file__).read() + "\n" + "=" * 100 + "\n"
-                + open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_qk_conv.py")).read())
+        f.write("\n".join(lines) + "\n\n" + "=" * 100 + "\n" + open(__file__).read())
 
 
 if __name__ == "__main__":
