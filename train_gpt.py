@@ -176,7 +176,9 @@ class Hyperparameters:
         self.ssm_layers = self._int_list("SSM_LAYERS", "0,1")
         self.ssm_mode = self._choice("SSM_MODE", "replace", ("replace", "parallel"))
         self.ssm_kernel = self._choice("SSM_KERNEL", "fir", ("fir", "s4d"))
-        self.ssm_kernel_size = self._int("SSM_KERNEL_SIZE", 64, lo=1)
+        # FIR taps: 32 beat 64 by 0.0135 and 0.0078 bpb at P360 (two seeds) and by 0.0026 at P150 (logs/README.md);
+        # with 64, the learned tails were mostly noise.
+        self.ssm_kernel_size = self._int("SSM_KERNEL_SIZE", 32, lo=1)
         self.ssm_state_dim = self._int("SSM_STATE_DIM", 64, lo=2)
         self.ssm_dt_min = self._float("SSM_DT_MIN", 1e-3, lo=1e-6)
         self.ssm_dt_max = self._float("SSM_DT_MAX", 1e-1, lo=1e-6)
@@ -599,7 +601,8 @@ def triton_kernels_for(x: Tensor) -> bool:
 def short_causal_conv(x: Tensor, weight: Tensor, masks: Tensor) -> Tensor:
     """x [B, T, C] plus sum over lag of weight[lag - 1] * x[t - lag] within the document: a residual depthwise causal
     convolution (zero weights are the identity). The forward is a few shifted multiply-adds, which the compiler
-    fuses into the kernels around it; on the GPU the backward is one Triton kernel (ShortConvFunction)."""
+    fuses into the kernels around it; on the GPU the backward is one Triton kernel (ShortConvFunction). The model
+    uses it for V; Q and K take conv_norm_rotary."""
     if triton_kernels_for(x):
         return ShortConvFunction.apply(x, weight, masks)
     return short_causal_conv_ops(x, weight, masks)
@@ -698,46 +701,36 @@ class ShortConvFunction(torch.autograd.Function):
 
 
 # Q and K are normalized and rotated right after their convolution, so on the GPU the three run as one kernel each
-# way, and Q and K get no pass over memory for the convolution. The backward recomputes the convolution and the norm
-# instead of saving them. Tokens per program, forward and backward:
+# way. The backward recomputes the convolution and the norm of the rows it needs (a row's input gradient also takes
+# the gradients of the LAGS rows after it) instead of saving them: Q and K then get no pass over memory of their
+# own. Tokens per program, forward and backward:
 CONV_NORM_ROTARY_BLOCK_T = 32
 
 if triton is not None:
     @triton.jit
     def _conv_rows(x_ptr, m_ptr, w_ptr, rows, cols, N, T, C, LAGS: tl.constexpr):
-        """short_causal_conv at `rows` and channels `cols`, in fp32."""
+        """short_causal_conv at `rows` (a block, at any shift) and channels `cols`, in fp32."""
         ok = rows < N
         y = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         for lag in tl.static_range(1, LAGS + 1):
-            m = _lag_mask(m_ptr, rows, lag, N, T)
-            xs = tl.load(x_ptr + (rows - lag)[:, None] * C + cols[None, :], mask=(m != 0)[:, None], other=0.0)
-            y += tl.load(w_ptr + (lag - 1) * C + cols)[None, :] * m[:, None] * xs.to(tl.float32)
+            src_ok = ok & (rows % T >= lag)  # never into the previous sequence
+            w = tl.load(w_ptr + (lag - 1) * C + cols)
+            m = tl.load(m_ptr + (lag - 1) * N + rows, mask=src_ok, other=0.0)
+            xs = tl.load(x_ptr + (rows - lag)[:, None] * C + cols[None, :], mask=src_ok[:, None], other=0.0)
+            y += w[None, :] * m[:, None] * xs.to(tl.float32)
         return y
 
     @triton.jit
-    def _lag_mask(m_ptr, rows, lag, N, T):
-        """1 where y[row] reads x[row - lag]: inside the sequence (row mod T >= lag) and the document (the mask)."""
-        return tl.load(m_ptr + (lag - 1) * N + rows, mask=(rows >= 0) & (rows < N) & (rows % T >= lag), other=0.0)
-
-    @triton.jit
-    def _exact_dot(a, b):
-        """a @ b in fp32 to ~2^-22 (three TF32 products). With a 0/1 matrix on one side it moves rows or columns
-        between registers, which Triton has no other instruction for."""
-        return tl.dot(a, b, input_precision="tf32x3")
-
-    @triton.jit
     def _rotary_at(cos_ptr, sin_ptr, rows, N, T, D: tl.constexpr, HALF: tl.constexpr):
-        """Rotary.forward as out[:, d] = r[:, d] cos + sign[d] r[:, partner[d]] sin: the [D, D] 0/1 matrix that
-        takes each head dim to its partner, each dim's sign, and the cos and sin at each row's position (1 and 0
-        past the rotated dims)."""
+        """Rotary.forward as out[d] = r[d] cos + sign[d] r[partner[d]] sin: each head dim's partner and sign, and the
+        cos and sin at each row's position (1 and 0 past the rotated dims)."""
         d = tl.arange(0, D)
         rotated = d < 2 * HALF
         partner = tl.where(d < HALF, d + HALF, tl.where(rotated, d - HALF, d))
-        to_partner = (d[:, None] == partner[None, :]).to(tl.float32)
         sign = tl.where(d < HALF, 1.0, -1.0)
         offs = (rows % T)[:, None] * HALF + tl.where(d < HALF, d, d - HALF)[None, :]
         in_range = (rows < N)[:, None] & rotated[None, :]
-        return (to_partner, sign, tl.load(cos_ptr + offs, mask=in_range, other=1.0),
+        return (partner, sign, tl.load(cos_ptr + offs, mask=in_range, other=1.0),
                 tl.load(sin_ptr + offs, mask=in_range, other=0.0))
 
     @triton.jit
@@ -746,29 +739,31 @@ if triton is not None:
                                          BLOCK_T: tl.constexpr, HAS_GAIN: tl.constexpr):
         pid, h = tl.program_id(0), tl.program_id(1)
         rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = h * D + tl.arange(0, D)
-        to_partner, sign, c, s = _rotary_at(cos_ptr, sin_ptr, rows, N, T, D, HALF)
-        y = _conv_rows(x_ptr, m_ptr, w_ptr, rows, cols, N, T, H * D, LAGS)
+        d = tl.arange(0, D)
+        partner, sign, c, s = _rotary_at(cos_ptr, sin_ptr, rows, N, T, D, HALF)
+        y = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + d, N, T, H * D, LAGS)
+        y_partner = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + partner, N, T, H * D, LAGS)
         rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / D + eps)
-        out = (y * c + sign[None, :] * _exact_dot(y, to_partner) * s) * rstd[:, None]
+        out = (y * c + sign[None, :] * y_partner * s) * rstd[:, None]
         if HAS_GAIN:
             out = out * tl.load(gain_ptr + h)
         ok = rows < N
-        tl.store(out_ptr + rows[:, None] * H * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(out_ptr + rows[:, None] * H * D + (h * D + d)[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None])
         tl.store(rstd_ptr + rows * H + h, rstd, mask=ok)
 
     @triton.jit
     def _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, rows, h, N, T, H, gain,
                                  LAGS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
-        """The gradient at the convolution's output for `rows` (zero past N), and each row's (Rᵀ g_out) · r for the
-        gain's."""
+        """The gradient at the convolution's output for `rows`, and each row's (Rᵀ g_out) · r for the gain's."""
         ok = rows < N
-        cols = h * D + tl.arange(0, D)
-        to_partner, sign, c, s = _rotary_at(cos_ptr, sin_ptr, rows, N, T, D, HALF)
+        d = tl.arange(0, D)
+        partner, sign, c, s = _rotary_at(cos_ptr, sin_ptr, rows, N, T, D, HALF)
         rstd = tl.load(rstd_ptr + rows * H + h, mask=ok, other=0.0)
-        r = _conv_rows(x_ptr, m_ptr, w_ptr, rows, cols, N, T, H * D, LAGS) * rstd[:, None]
-        go = tl.load(go_ptr + rows[:, None] * H * D + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        g_r = go * c - sign[None, :] * _exact_dot(go * s, to_partner)  # Rᵀ g_out (a partner pair shares its sin)
+        r = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + d, N, T, H * D, LAGS) * rstd[:, None]
+        go = tl.load(go_ptr + rows[:, None] * H * D + (h * D + d)[None, :], mask=ok[:, None], other=0.0)
+        go_partner = tl.load(go_ptr + rows[:, None] * H * D + (h * D + partner)[None, :], mask=ok[:, None], other=0.0)
+        g_r = go.to(tl.float32) * c - sign[None, :] * go_partner.to(tl.float32) * s  # Rᵀ g_out
         gain_dot = tl.sum(g_r * r, axis=1)
         g_r = g_r * gain
         return rstd[:, None] * (g_r - r * (tl.sum(g_r * r, axis=1) / D)[:, None]), gain_dot
@@ -778,52 +773,46 @@ if triton is not None:
                                           gw_ptr, gg_ptr, N, T, H, rows_per_program, LAGS: tl.constexpr,
                                           LAGS_POW2: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
                                           BLOCK_T: tl.constexpr, HAS_GAIN: tl.constexpr):
-        """A program owns one head of rows_per_program rows. A row's input gradient also takes the output gradients
-        of the LAGS rows after it, so the loop runs one block behind: step j computes block j's output gradient once
-        and finishes block j - 1's input gradient (one extra step reaches into the next program's rows for it). The
-        program writes its partial gradients of the taps and the gain, which the caller sums."""
+        """A program owns one head of rows_per_program rows: it writes their input gradient, and its partial
+        gradients of the taps [LAGS, D] and of the gain, which the caller sums."""
         pid, h = tl.program_id(0), tl.program_id(1)
         cols = h * D + tl.arange(0, D)
         gain = tl.load(gain_ptr + h) if HAS_GAIN else 1.0
         lag_idx = tl.arange(0, LAGS_POW2)
-        i, k = tl.arange(0, BLOCK_T)[:, None], tl.arange(0, BLOCK_T)[None, :]
         acc_w = tl.zeros([LAGS_POW2, D], dtype=tl.float32)
         acc_gain = tl.zeros([BLOCK_T], dtype=tl.float32)
-        g_prev = tl.zeros([BLOCK_T, D], dtype=tl.float32)
         first = pid * rows_per_program
-        last = first + rows_per_program
-        for r0 in range(first, last + BLOCK_T, BLOCK_T):
+        for r0 in range(first, first + rows_per_program, BLOCK_T):
             rows = r0 + tl.arange(0, BLOCK_T)
-            mine = (rows < N) & (rows < last)
+            ok = rows < N
             g_y, gain_dot = _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, rows, h,
                                                      N, T, H, gain, LAGS, D, HALF)
-            acc_gain += tl.where(mine, gain_dot, 0.0)
-            prev_rows = rows - BLOCK_T
-            gx = g_prev
+            acc_gain += gain_dot
+            gx = g_y
             for lag in tl.static_range(1, LAGS + 1):
                 w = tl.load(w_ptr + (lag - 1) * H * D + cols)
-                # y[n + lag] read x[n]: rows i + lag of the previous block, continued into this one
-                z_prev = g_prev * _lag_mask(m_ptr, prev_rows, lag, N, T)[:, None]
-                z = g_y * _lag_mask(m_ptr, rows, lag, N, T)[:, None]
-                shifted = _exact_dot((k == i + lag).to(tl.float32), z_prev) + \
-                    _exact_dot((k == i + lag - BLOCK_T).to(tl.float32), z)
-                gx += w[None, :] * shifted
-                # the tap's gradient: y[n] read x[n - lag]
-                x_behind = tl.load(x_ptr + (rows - lag)[:, None] * H * D + cols[None, :],
-                                   mask=(mine & (rows % T >= lag))[:, None], other=0.0)
-                partial = tl.sum(z * x_behind.to(tl.float32), axis=0)
+                ahead = rows + lag  # y[n + lag] read x[n]
+                g_ahead, _ = _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, ahead,
+                                                      h, N, T, H, gain, LAGS, D, HALF)
+                ahead_ok = (ahead < N) & (ahead % T >= lag)
+                m_ahead = tl.load(m_ptr + (lag - 1) * N + ahead, mask=ahead_ok, other=0.0)
+                gx += w[None, :] * m_ahead[:, None] * g_ahead
+                behind_ok = ok & (rows % T >= lag)  # y[n] read x[n - lag]
+                m_here = tl.load(m_ptr + (lag - 1) * N + rows, mask=behind_ok, other=0.0)
+                x_behind = tl.load(x_ptr + (rows - lag)[:, None] * H * D + cols[None, :], mask=behind_ok[:, None],
+                                   other=0.0)
+                partial = tl.sum(g_y * m_here[:, None] * x_behind.to(tl.float32), axis=0)
                 acc_w += tl.where(lag_idx[:, None] == lag - 1, partial[None, :], 0.0)
-            tl.store(gx_ptr + prev_rows[:, None] * H * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
-                     mask=((prev_rows >= first) & (prev_rows < N))[:, None])
-            g_prev = g_y
+            tl.store(gx_ptr + rows[:, None] * H * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=ok[:, None])
         tl.store(gw_ptr + pid * LAGS * H * D + lag_idx[:, None] * H * D + cols[None, :], acc_w,
                  mask=(lag_idx < LAGS)[:, None])
         tl.store(gg_ptr + pid * H + h, tl.sum(acc_gain, axis=0))
 
 
 class ConvNormRotary(torch.autograd.Function):
-    """conv_norm_rotary through the two Triton kernels above. In one attention layer's forward + backward on a
-    48 x 2048 micro-batch (H200), the convolution on Q and K then costs ... (logs/bench_mixers_v10.txt)."""
+    """conv_norm_rotary through the two Triton kernels above. An attention layer's forward + backward on a 48 x 2048
+    micro-batch (H200) takes 6.25 ms; conv 3 on Q, K and V adds 0.54 ms this way, 0.70 with a convolution of its own
+    on each tensor (logs/bench_mixers_v10.txt). The backward kernel is 0.57 ms of the new kernels' 0.85."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, masks: Tensor, cos: Tensor, sin: Tensor,
@@ -866,7 +855,7 @@ class ConvNormRotary(torch.autograd.Function):
 def conv_norm_rotary(x: Tensor, weight: Tensor, masks: Tensor, rotary: Rotary, gain: Tensor | None) -> Tensor:
     """rotary(rms_norm(short_causal_conv(x))), times the per-head gain if given, for x [B, T, H, D]."""
     B, T, H, D = x.shape
-    if triton_kernels_for(x) and D >= 16 and D & (D - 1) == 0:  # (Triton's blocks and products need these)
+    if triton_kernels_for(x) and D & (D - 1) == 0:  # (Triton blocks are powers of two)
         return ConvNormRotary.apply(x, weight, masks, rotary.cos, rotary.sin, gain)
     y = rotary(rms_norm(short_causal_conv_ops(x.reshape(B, T, H * D), weight, masks).view(B, T, H, D)))
     return y if gain is None else y * gain.to(x.dtype)[:, None]
