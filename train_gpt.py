@@ -80,7 +80,7 @@ DEMO_DEFAULTS = {
     "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
     "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "TRAIN_BATCH_TOKENS": "4096",
     "ITERATIONS": "60", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "20",
-    "SSM_LAYERS": "0", "SSM_KERNEL_SIZE": "32", "XSA_LAST_N": "4", "VE_LAYERS": "3", "BIGRAM_VOCAB_SIZE": "512",
+    "SSM_LAYERS": "0", "XSA_LAST_N": "4", "VE_LAYERS": "3", "BIGRAM_VOCAB_SIZE": "512",
     "BIGRAM_DIM": "32", "VE_DIM": "32", "GPTQ_CALIB_SEQS": "16", "GPTQ_RESERVE_SECONDS": "2",
     "EVAL_BATCH_SEQS": "16", "MATRIX_LR": "0.02", "TIED_EMBED_LR": "0.03", "TTT_CHUNK_TOKENS": "4096",
 }
@@ -812,7 +812,8 @@ if triton is not None:
 class ConvNormRotary(torch.autograd.Function):
     """conv_norm_rotary through the two Triton kernels above. An attention layer's forward + backward on a 48 x 2048
     micro-batch (H200) takes 6.25 ms; conv 3 on Q, K and V adds 0.54 ms this way, 0.70 with a convolution of its own
-    on each tensor (logs/bench_mixers_v10.txt). The backward kernel is 0.57 ms of the new kernels' 0.85."""
+    on each tensor (logs/bench_mixers_v10.txt). Most of it is this backward (0.57 ms for Q and K, about 4x what its
+    memory traffic needs): each block recomputes the output gradient of the rows ahead once per lag."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, masks: Tensor, cos: Tensor, sin: Tensor,
