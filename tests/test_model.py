@@ -575,9 +575,14 @@ def test_qkv_conv_is_causal_does_not_cross_bos_and_starts_as_identity(size):
     x = torch.randn(2, T, 64)
     x2 = x.clone()
     x2[:, 15] += 1.0  # the last token of the first document (position 16 is BOS)
-    with torch.no_grad():
-        for proj, lo, hi in ((attn.c_q, 0, 64), (attn.c_k, 64, 96), (attn.c_v, 96, 128)):
-            conv = lambda inp: tg.short_causal_conv(proj(inp), attn.qkv_conv[:, lo:hi], masks)  # noqa: E731
+    heads, kv_heads, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    with torch.no_grad():  # the model's own paths: Q and K through conv_norm_rotary, V through short_causal_conv
+        paths = [lambda inp: tg.conv_norm_rotary(attn.c_q(inp).view(2, T, heads, D), attn.qkv_conv[:, :64], masks,
+                                                 attn.rotary, attn.q_gain),
+                 lambda inp: tg.conv_norm_rotary(attn.c_k(inp).view(2, T, kv_heads, D), attn.qkv_conv[:, 64:96],
+                                                 masks, attn.rotary, None),
+                 lambda inp: tg.short_causal_conv(attn.c_v(inp), attn.qkv_conv[:, 96:], masks)]
+        for conv in paths:
             torch.testing.assert_close(conv(x2)[:, 16:], conv(x)[:, 16:], atol=0, rtol=0)
             assert (conv(x2)[:, 15] - conv(x)[:, 15]).abs().max() > 1e-3
         torch.testing.assert_close(attn(x2, None, masks)[:, :15], attn(x, None, masks)[:, :15], atol=0, rtol=0)
