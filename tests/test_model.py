@@ -690,6 +690,16 @@ def test_the_fused_qk_conv_kernels_match_autograd():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+def test_the_fused_qk_kernels_refuse_a_sequence_longer_than_the_rotary_tables():
+    """The kernels index the rotary tables by position without bounds checks; the wrapper checks first (before any
+    Triton call, so this runs without Triton)."""
+    rot = tg.Rotary(16, 10000.0, 20)
+    x = torch.randn(1, 21, 2, 64)
+    masks = tg.same_document_masks(torch.ones(1, 21, dtype=torch.long), 1, 2)
+    with pytest.raises(ValueError, match="exceeds the rotary tables' 20 positions"):
+        tg.ConvNormRotary.apply(x, torch.zeros(2, 128), masks, rot.cos, rot.sin, None)
+
+
 def test_qkv_conv_taps_pass_through_the_artifact():
     args = tiny_args(QKV_CONV_SIZE=3, QUANT_ALLOC=0)
     torch.manual_seed(0)
