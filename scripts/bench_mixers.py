@@ -1,19 +1,29 @@
 """Time one layer's forward + backward at the competition micro-batch (48 x 2048 tokens, bf16, compiled): the
 attention layer without and with the Q/K/V convolution (train_gpt.py's fused kernels, at several block sizes, and
-the earlier per-tensor path), and S4D mixer kernel lengths; check the kernels' gradients on the GPU; then list the
-GPU kernels whose time the convolution adds. Writes logs/<NAME>.txt with this source.
+the earlier per-tensor path, and a candidate backward defined here), and S4D mixer kernel lengths; check the
+kernels' gradients on the GPU; then list the GPU kernels whose time the convolution adds. Writes logs/<NAME>.txt
+with this source.
 
     python3 scripts/bench_mixers.py [NAME]      (one GPU; a minute or two, mostly compilation)
+    TRITON_INTERPRET=1 python3 scripts/bench_mixers.py --check     (the gradient check in Triton's CPU interpreter)
+
+The candidate: train_gpt.py's backward for Q and K recomputes the output gradient of the rows ahead once per lag,
+which makes it ~4x slower than its memory traffic (logs/README.md, v10). Here each block's output gradient is
+computed once and parked in a two-block ring in global memory (L2-resident, a program's own); after a barrier the
+block before reads its rows ahead from there. If it wins, it replaces train_gpt.py's backward kernel.
 """
 import os
 import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
+from train_gpt import _conv_norm_rotary_grad_y  # noqa: E402
 
 B, T, DIM, ITERS = 48, 2048, 512, 30
 FUSED = tg.conv_norm_rotary
@@ -25,6 +35,81 @@ def per_tensor_conv_norm_rotary(x, weight, masks, rotary, gain):
     B_, T_, H, D = x.shape
     y = rotary(tg.rms_norm(tg.short_causal_conv(x.reshape(B_, T_, H * D), weight, masks).view(B_, T_, H, D)))
     return y if gain is None else y * gain.to(x.dtype)[:, None]
+
+
+@triton.jit
+def _ring_backward_kernel(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, gain_ptr, rstd_ptr, gx_ptr, gw_ptr, gg_ptr,
+                          ring_ptr, N, T, H, rows_per_program, LAGS: tl.constexpr, LAGS_POW2: tl.constexpr,
+                          D: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, HAS_GAIN: tl.constexpr):
+    """As train_gpt.py's _conv_norm_rotary_backward_kernel, one block behind: step j computes block j's output
+    gradient, writes it to the ring, and finishes block j - 1's input gradient from the ring (one extra step
+    reaches into the next program's rows)."""
+    pid, h = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, D)
+    cols = h * D + d
+    gain = tl.load(gain_ptr + h) if HAS_GAIN else 1.0
+    ring = ring_ptr + (pid * tl.num_programs(1) + h) * 2 * BLOCK_T * D
+    lag_idx = tl.arange(0, LAGS_POW2)
+    acc_w = tl.zeros([LAGS_POW2, D], dtype=tl.float32)
+    acc_gain = tl.zeros([BLOCK_T], dtype=tl.float32)
+    g_prev = tl.zeros([BLOCK_T, D], dtype=tl.float32)
+    first = pid * rows_per_program
+    last = first + rows_per_program
+    for r0 in range(first, last + BLOCK_T, BLOCK_T):
+        rows = r0 + tl.arange(0, BLOCK_T)
+        mine = (rows < N) & (rows < last)
+        g_y, gain_dot = _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, rows, h, N,
+                                                 T, H, gain, LAGS, D, HALF)
+        acc_gain += tl.where(mine, gain_dot, 0.0)
+        for lag in tl.static_range(1, LAGS + 1):  # the taps: y[n] read x[n - lag]
+            ok = mine & (rows % T >= lag)
+            m = tl.load(m_ptr + (lag - 1) * N + rows, mask=ok, other=0.0)
+            x_behind = tl.load(x_ptr + (rows - lag)[:, None] * H * D + cols[None, :], mask=ok[:, None], other=0.0)
+            partial = tl.sum(g_y * m[:, None] * x_behind.to(tl.float32), axis=0)
+            acc_w += tl.where(lag_idx[:, None] == lag - 1, partial[None, :], 0.0)
+        tl.store(ring + (rows % (2 * BLOCK_T))[:, None] * D + d[None, :], g_y)
+        tl.debug_barrier()  # every thread's rows are in the ring before any thread reads its neighbours'
+        prev_rows = rows - BLOCK_T
+        gx = g_prev
+        for lag in tl.static_range(1, LAGS + 1):  # y[n + lag] read x[n]
+            src = prev_rows + lag
+            ok = (src >= 0) & (src < N) & (src % T >= lag)
+            m = tl.load(m_ptr + (lag - 1) * N + src, mask=ok, other=0.0)
+            g_src = tl.load(ring + (src % (2 * BLOCK_T))[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            gx += tl.load(w_ptr + (lag - 1) * H * D + cols)[None, :] * m[:, None] * g_src
+        tl.store(gx_ptr + prev_rows[:, None] * H * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
+                 mask=((prev_rows >= first) & (prev_rows < N))[:, None])
+        tl.debug_barrier()  # all reads of the ring are done before the next step overwrites the older block
+        g_prev = g_y
+    tl.store(gw_ptr + pid * LAGS * H * D + lag_idx[:, None] * H * D + cols[None, :], acc_w,
+             mask=(lag_idx < LAGS)[:, None])
+    tl.store(gg_ptr + pid * H + h, tl.sum(acc_gain, axis=0))
+
+
+class RingConvNormRotary(tg.ConvNormRotary):
+    """train_gpt.py's ConvNormRotary (the same forward kernel) with the ring backward."""
+
+    @staticmethod
+    def backward(ctx, go):
+        x, m, w, cos, sin, g, rstd = ctx.saved_tensors
+        B_, T_, H, D = x.shape
+        N, lags, block_t = B_ * T_, w.size(0), ctx.block_t
+        programs = max(1, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count // H) \
+            if x.is_cuda else 3
+        rows_per_program = triton.cdiv(triton.cdiv(N, programs), block_t) * block_t
+        programs = triton.cdiv(N, rows_per_program)
+        gx = torch.empty_like(x)
+        gw = torch.empty(programs, lags, H * D, device=x.device, dtype=torch.float32)
+        gg = torch.empty(programs, H, device=x.device, dtype=torch.float32)
+        ring = torch.empty(programs * H * 2 * block_t * D, device=x.device, dtype=torch.float32)
+        _ring_backward_kernel[(programs, H)](
+            x, m, w, go.contiguous(), cos, sin, g, rstd, gx, gw, gg, ring, N, T_, H, rows_per_program, LAGS=lags,
+            LAGS_POW2=triton.next_power_of_2(lags), D=D, HALF=cos.size(1), BLOCK_T=block_t, HAS_GAIN=ctx.has_gain)
+        return gx, gw.sum(0), None, None, None, gg.sum(0) if ctx.has_gain else None
+
+
+def ring_conv_norm_rotary(x, weight, masks, rotary, gain):
+    return RingConvNormRotary.apply(x, weight, masks, rotary.cos, rotary.sin, gain)
 
 
 def make_step(env: dict, qk=FUSED, ssm: bool = False, block_t: int = 32):
@@ -73,23 +158,26 @@ def reference_q(x, w, masks, rot, gain):
     return y * gain.to(x.dtype)[:, None]
 
 
-def check_gradients(dtype: torch.dtype) -> str:
-    """The kernels against autograd through the tensor ops, on the GPU, with documents: ConvNormRotary (Q: gain;
-    K: none) and ShortConvFunction (V). Reports the largest difference relative to the largest reference value."""
+def check_gradients(dtype: torch.dtype, device: str = "cuda") -> str:
+    """The kernels against autograd through the tensor ops, with documents: ConvNormRotary (Q: gain; K: none), the
+    ring candidate and ShortConvFunction (V). Reports the largest difference relative to the largest reference
+    value."""
     torch.manual_seed(0)
-    ids = torch.randint(0, 50, (4, 300), device="cuda")
+    b, t = (4, 300) if device == "cuda" else (2, 100)  # the interpreter is slow; 100 still splits rows unevenly
+    ids = torch.randint(0, 50, (b, t), device=device)
     ids[:, ::37] = 1
     masks = tg.same_document_masks(ids, 1, 2)
-    rot = tg.Rotary(16, 10000.0, 300).cuda()
-    x = torch.randn(4, 300, 512, device="cuda", dtype=dtype, requires_grad=True)
-    w = (0.3 * torch.randn(2, 512, device="cuda")).requires_grad_()
-    gain = (1 + 0.3 * torch.randn(8, device="cuda")).requires_grad_()
-    g = torch.randn(4, 300, 8, 64, device="cuda", dtype=dtype)
-    cases = {"ConvNormRotary": lambda: tg.ConvNormRotary.apply(x.view(4, 300, 8, 64), w, masks, rot.cos, rot.sin,
+    rot = tg.Rotary(16, 10000.0, t).to(device)
+    x = torch.randn(b, t, 512, device=device, dtype=dtype, requires_grad=True)
+    w = (0.3 * torch.randn(2, 512, device=device)).requires_grad_()
+    gain = (1 + 0.3 * torch.randn(8, device=device)).requires_grad_()
+    g = torch.randn(b, t, 8, 64, device=device, dtype=dtype)
+    cases = {"ConvNormRotary": lambda: tg.ConvNormRotary.apply(x.view(b, t, 8, 64), w, masks, rot.cos, rot.sin,
                                                                gain),
+             "ring": lambda: RingConvNormRotary.apply(x.view(b, t, 8, 64), w, masks, rot.cos, rot.sin, gain),
              "reference Q": lambda: reference_q(x, w, masks, rot, gain),
-             "ShortConvFunction": lambda: tg.ShortConvFunction.apply(x, w, masks).view(4, 300, 8, 64),
-             "reference V": lambda: tg.short_causal_conv_ops(x, w, masks).view(4, 300, 8, 64)}
+             "ShortConvFunction": lambda: tg.ShortConvFunction.apply(x, w, masks).view(b, t, 8, 64),
+             "reference V": lambda: tg.short_causal_conv_ops(x, w, masks).view(b, t, 8, 64)}
     got = {}
     for name, fn in cases.items():
         x.grad = w.grad = gain.grad = None
@@ -100,6 +188,7 @@ def check_gradients(dtype: torch.dtype) -> str:
     rel = lambda a, b: max(((p - q).abs().max() / q.abs().max()).item() for p, q in zip(a, b))  # noqa: E731
     return (f"gradient check ({dtype}), worst |kernel - autograd| / max |autograd| over output and gradients: "
             f"ConvNormRotary {rel(got['ConvNormRotary'], got['reference Q']):.2e}, "
+            f"ring candidate {rel(got['ring'], got['reference Q']):.2e}, "
             f"ShortConvFunction {rel(got['ShortConvFunction'], got['reference V']):.2e}")
 
 
@@ -117,6 +206,8 @@ def main() -> None:
     conv3 = {"QKV_CONV_SIZE": "3"}
     cases = [("attention, no conv", {"QKV_CONV_SIZE": "0"}, FUSED, False, 32)]
     cases += [(f"conv 3: fused Q/K (train_gpt.py), block {bt}", conv3, FUSED, False, bt) for bt in (32, 16, 64)]
+    cases += [(f"conv 3: fused Q/K, ring backward (candidate), block {bt}", conv3, ring_conv_norm_rotary, False, bt)
+              for bt in (32, 64)]
     cases += [("conv 3: per-tensor Q/K/V (the v9 path)", conv3, per_tensor_conv_norm_rotary, False, 32)]
     cases += [("conv 2: fused Q/K (train_gpt.py), block 32", {"QKV_CONV_SIZE": "2"}, FUSED, False, 32)]
     cases += [(f"S4D fir {k} taps", {"SSM_KERNEL_SIZE": str(k)}, FUSED, True, 32) for k in (64, 32)]
@@ -127,7 +218,8 @@ def main() -> None:
         try:
             step = make_step(env, impl, ssm, block_t)
             ms = layer_ms(step)
-            if label.startswith(("attention, no conv", "conv 3: fused Q/K (train_gpt.py), block 32", "conv 3: per")):
+            if label.startswith(("attention, no conv", "conv 3: fused Q/K (train_gpt.py), block 32",
+                                 "conv 3: fused Q/K, ring backward (candidate), block 32")):
                 profiles[label] = kernel_us(step)
         except Exception as e:  # one failing variant must not hide the others
             say(f"{label}: FAILED {type(e).__name__}: {str(e)[:300]}")
@@ -152,4 +244,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--check"]:
+        print(check_gradients(torch.float32, "cpu"))
+    else:
+        main()

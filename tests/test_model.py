@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -688,6 +689,17 @@ def test_the_fused_qk_conv_kernels_match_autograd():
     done = subprocess.run([sys.executable, "-c", CONV_NORM_ROTARY_CHECK], env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_the_candidate_backward_in_bench_mixers_matches_autograd():
+    """scripts/bench_mixers.py times a candidate backward for the fused Q/K kernels (a ring of output gradients in
+    place of recomputation) against train_gpt.py's; its gradient check, in Triton's CPU interpreter, must pass for
+    both and for V's kernel. Skipped where Triton is not installed."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_mixers.py"), "--check"], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "TRITON_INTERPRET": "1"})
+    errors = [float(e) for e in re.findall(r"(\d\.\d+e[-+]\d+)", done.stdout)]
+    assert done.returncode == 0 and len(errors) == 3 and max(errors) < 1e-5, done.stdout + done.stderr[-3000:]
 
 
 def test_the_fused_qk_kernels_refuse_a_sequence_longer_than_the_rotary_tables():
