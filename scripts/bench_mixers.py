@@ -1,8 +1,8 @@
 """Time one layer's forward + backward at the competition micro-batch (48 x 2048 tokens, bf16, compiled): the
 attention layer without and with the Q/K/V convolution (train_gpt.py's fused kernels, at several block sizes, and
 the earlier per-tensor path, and a candidate backward defined here), and S4D mixer kernel lengths; check the
-kernels' gradients on the GPU; then list the GPU kernels whose time the convolution adds. Writes logs/<NAME>.txt
-with this source.
+kernels' gradients on the GPU; give each case's hand-written kernels' times, then list the GPU kernels whose time
+the convolution adds. Writes logs/<NAME>.txt with this source.
 
     python3 scripts/bench_mixers.py [NAME]      (one GPU; a minute or two, mostly compilation)
     TRITON_INTERPRET=1 python3 scripts/bench_mixers.py --check     (the gradient check in Triton's CPU interpreter)
@@ -218,9 +218,10 @@ def main() -> None:
         try:
             step = make_step(env, impl, ssm, block_t)
             ms = layer_ms(step)
+            kernels = kernel_us(step) if label.startswith(("attention", "conv")) else {}
             if label.startswith(("attention, no conv", "conv 3: fused Q/K (train_gpt.py), block 32",
                                  "conv 3: fused Q/K, ring backward (candidate), block 32")):
-                profiles[label] = kernel_us(step)
+                profiles[label] = kernels
         except Exception as e:  # one failing variant must not hide the others
             say(f"{label}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue
@@ -232,6 +233,9 @@ def main() -> None:
         # 8 micro-steps per 786,432-token step; 9 attention layers in the default hybrid
         say(f"{label}: {ms:.3f} ms/layer/micro-step, vs no conv {ms - base:+.3f} "
             f"(x 8 micro-steps x 9 layers = {(ms - base) * 72:+.1f} ms/step) [{time.perf_counter() - t0:.0f} s]")
+        own = {k: v for k, v in kernels.items() if k.startswith("_")}  # the hand-written Triton kernels, one by one
+        if own:
+            say("    " + ", ".join(f"{k} {v:.0f} us" for k, v in sorted(own.items())))
     without = profiles.pop("attention, no conv", None)
     for label, with_conv in profiles.items() if without is not None else ():
         say(f"GPU kernels whose time changes, {label} (us per layer and micro-batch, with - without):")
