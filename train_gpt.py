@@ -655,6 +655,16 @@ if triton is not None:
                  mask=(lag_idx < LAGS)[:, None] & col_ok[None, :])
 
 
+def backward_programs(n_rows: int, columns: int, block: int, device: torch.device) -> tuple[int, int]:
+    """The grid rows and rows per program of a backward kernel over (row runs, columns): four programs per
+    multiprocessor, each a long run of rows (whole blocks), so the partial weight gradients the caller sums stay few.
+    (On the CPU only Triton's interpreter runs the kernels, in the tests: three programs there.)"""
+    programs = max(1, 4 * torch.cuda.get_device_properties(device).multi_processor_count // columns) \
+        if device.type == "cuda" else 3
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block) * block
+    return triton.cdiv(n_rows, rows_per_program), rows_per_program
+
+
 def short_conv_backward(g: Tensor, x: Tensor, masks: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of short_causal_conv for x [B, T, C] and weight [lags, C] (fp32), from one Triton kernel."""
     lags, C = weight.shape
@@ -662,15 +672,10 @@ def short_conv_backward(g: Tensor, x: Tensor, masks: Tensor, weight: Tensor) -> 
     g2, x2 = g.reshape(-1, C).contiguous(), x.reshape(-1, C).contiguous()
     N = g2.size(0)
     # 128 tokens x 64 channels, four warps, four programs per multiprocessor: the fastest of 17 shapes timed on an
-    # H200 for 512 and 256 channels (logs/triton_tune_v9.txt). Each program walks a long run of rows, so the
-    # partial weight gradients stay few.
+    # H200 for 512 and 256 channels (logs/triton_tune_v9.txt).
     block_n, block_c = 128, 64
     col_blocks = triton.cdiv(C, block_c)
-    # (On the CPU only Triton's interpreter runs it, in a test: three programs there, so partial sums are summed.)
-    row_programs = max(1, 4 * torch.cuda.get_device_properties(g.device).multi_processor_count // col_blocks) \
-        if g.is_cuda else 3
-    rows_per_program = triton.cdiv(triton.cdiv(N, row_programs), block_n) * block_n
-    row_programs = triton.cdiv(N, rows_per_program)
+    row_programs, rows_per_program = backward_programs(N, col_blocks, block_n, g.device)
     gx = torch.empty_like(g2)
     gw = torch.empty(row_programs, lags, C, device=g.device, dtype=torch.float32)
     _short_conv_backward_kernel[(row_programs, col_blocks)](
@@ -841,11 +846,7 @@ class ConvNormRotary(torch.autograd.Function):
         x, m, w, cos, sin, g, rstd = ctx.saved_tensors
         B, T, H, D = x.shape
         N, lags, block_t = B * T, w.size(0), ctx.block_t
-        # four programs per multiprocessor, each a long run of rows, so the partial tap gradients stay few
-        programs = max(1, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count // H) \
-            if x.is_cuda else 3
-        rows_per_program = triton.cdiv(triton.cdiv(N, programs), block_t) * block_t
-        programs = triton.cdiv(N, rows_per_program)
+        programs, rows_per_program = backward_programs(N, H, block_t, x.device)
         gx = torch.empty_like(x)
         gw = torch.empty(programs, lags, H * D, device=x.device, dtype=torch.float32)
         gg = torch.empty(programs, H, device=x.device, dtype=torch.float32)

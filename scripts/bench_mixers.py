@@ -29,11 +29,11 @@ B, T, DIM, ITERS = 48, 2048, 512, 30
 FUSED = tg.conv_norm_rotary
 
 
-def per_tensor_conv_norm_rotary(x, weight, masks, rotary, gain):
+def per_tensor_conv_norm_rotary(x, weight, masks, rotary, gain, conv=tg.short_causal_conv):
     """The earlier path: Q and K convolved on their own (tensor-op forward, Triton backward), then the compiled
-    RMSNorm and rotary."""
+    RMSNorm and rotary. With conv=short_causal_conv_ops, the autograd reference of the gradient check."""
     B_, T_, H, D = x.shape
-    y = rotary(tg.rms_norm(tg.short_causal_conv(x.reshape(B_, T_, H * D), weight, masks).view(B_, T_, H, D)))
+    y = rotary(tg.rms_norm(conv(x.reshape(B_, T_, H * D), weight, masks).view(B_, T_, H, D)))
     return y if gain is None else y * gain.to(x.dtype)[:, None]
 
 
@@ -94,10 +94,7 @@ class RingConvNormRotary(tg.ConvNormRotary):
         x, m, w, cos, sin, g, rstd = ctx.saved_tensors
         B_, T_, H, D = x.shape
         N, lags, block_t = B_ * T_, w.size(0), ctx.block_t
-        programs = max(1, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count // H) \
-            if x.is_cuda else 3
-        rows_per_program = triton.cdiv(triton.cdiv(N, programs), block_t) * block_t
-        programs = triton.cdiv(N, rows_per_program)
+        programs, rows_per_program = tg.backward_programs(N, H, block_t, x.device)
         gx = torch.empty_like(x)
         gw = torch.empty(programs, lags, H * D, device=x.device, dtype=torch.float32)
         gg = torch.empty(programs, H, device=x.device, dtype=torch.float32)
@@ -153,11 +150,6 @@ def kernel_us(step) -> dict[str, float]:
     return {e.key: e.device_time_total / 5 for e in prof.key_averages()}
 
 
-def reference_q(x, w, masks, rot, gain):
-    y = rot(tg.rms_norm(tg.short_causal_conv_ops(x, w, masks).view(*x.shape[:2], -1, 64)))
-    return y * gain.to(x.dtype)[:, None]
-
-
 def check_gradients(dtype: torch.dtype, device: str = "cuda") -> str:
     """The kernels against autograd through the tensor ops, with documents: ConvNormRotary (Q: gain; K: none), the
     ring candidate and ShortConvFunction (V). Reports the largest difference relative to the largest reference
@@ -175,7 +167,8 @@ def check_gradients(dtype: torch.dtype, device: str = "cuda") -> str:
     cases = {"ConvNormRotary": lambda: tg.ConvNormRotary.apply(x.view(b, t, 8, 64), w, masks, rot.cos, rot.sin,
                                                                gain),
              "ring": lambda: RingConvNormRotary.apply(x.view(b, t, 8, 64), w, masks, rot.cos, rot.sin, gain),
-             "reference Q": lambda: reference_q(x, w, masks, rot, gain),
+             "reference Q": lambda: per_tensor_conv_norm_rotary(x.view(b, t, 8, 64), w, masks, rot, gain,
+                                                               tg.short_causal_conv_ops),
              "ShortConvFunction": lambda: tg.ShortConvFunction.apply(x, w, masks).view(b, t, 8, 64),
              "reference V": lambda: tg.short_causal_conv_ops(x, w, masks).view(b, t, 8, 64)}
     got = {}

@@ -613,6 +613,13 @@ print("ok")
 """
 
 
+def run_in_triton_interpreter(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """python3 ARGS with Triton's CPU interpreter on and this checkout importable (Triton kernels on the CPU)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_triton_backward_of_the_qkv_conv_matches_autograd():
     """The GPU's fused backward (one Triton kernel for grad x and grad weight), run by Triton's CPU interpreter:
     three lag counts, channel counts that are not multiples of the 64-channel block, runs of rows split over
@@ -620,10 +627,7 @@ def test_triton_backward_of_the_qkv_conv_matches_autograd():
     only the sequence boundary, and the weight as a column slice. Skipped where Triton is not installed
     (CPU-only PyTorch)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
-    done = subprocess.run([sys.executable, "-c", TRITON_BACKWARD_CHECK], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = run_in_triton_interpreter(["-c", TRITON_BACKWARD_CHECK], 600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
@@ -684,10 +688,7 @@ def test_the_fused_qk_conv_kernels_match_autograd():
     sequence boundary, rows split over several programs with a ragged last one, the taps as a column slice; then a
     whole attention layer, output and every gradient. Skipped where Triton is not installed."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
-    done = subprocess.run([sys.executable, "-c", CONV_NORM_ROTARY_CHECK], env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = run_in_triton_interpreter(["-c", CONV_NORM_ROTARY_CHECK], 900)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
@@ -696,8 +697,7 @@ def test_the_candidate_backward_in_bench_mixers_matches_autograd():
     place of recomputation) against train_gpt.py's; its gradient check, in Triton's CPU interpreter, must pass for
     both and for V's kernel. Skipped where Triton is not installed."""
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_mixers.py"), "--check"], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "TRITON_INTERPRET": "1"})
+    done = run_in_triton_interpreter([str(ROOT / "scripts" / "bench_mixers.py"), "--check"], 900)
     errors = [float(e) for e in re.findall(r"(\d\.\d+e[-+]\d+)", done.stdout)]
     assert done.returncode == 0 and len(errors) == 3 and max(errors) < 1e-5, done.stdout + done.stderr[-3000:]
 
