@@ -705,10 +705,13 @@ class ShortConvFunction(torch.autograd.Function):
 
 
 # Q and K are normalized and rotated right after their convolution, so on the GPU the three run as one kernel each
-# way. The backward recomputes the convolution and the norm of the rows it needs (a row's input gradient also takes
-# the gradients of the LAGS rows after it) instead of saving them: Q and K then get no pass over memory of their
-# own. Tokens per block, forward and backward:
+# way. The backward recomputes the convolution and the norm instead of saving them: Q and K then get no pass over
+# memory of their own. A row's input gradient also takes the output gradients of the LAGS rows after it, so each
+# program computes a block's output gradient once, parks it in a small ring of its own in global memory (it stays
+# in L2) and finishes the block before it from there. Tokens per block (the fastest on an H200 of 16/32/64 forward
+# and 32/64 backward, logs/bench_mixers_v11.txt):
 CONV_NORM_ROTARY_BLOCK_T = 32
+CONV_NORM_ROTARY_BACKWARD_BLOCK_T = 64
 
 if triton is not None:
     @triton.jit
@@ -774,40 +777,51 @@ if triton is not None:
 
     @triton.jit
     def _conv_norm_rotary_backward_kernel(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, gain_ptr, rstd_ptr, gx_ptr,
-                                          gw_ptr, gg_ptr, N, T, H, rows_per_program, LAGS: tl.constexpr,
+                                          gw_ptr, gg_ptr, ring_ptr, N, T, H, rows_per_program, LAGS: tl.constexpr,
                                           LAGS_POW2: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
                                           BLOCK_T: tl.constexpr, HAS_GAIN: tl.constexpr):
         """A program owns one head of rows_per_program rows: it writes their input gradient, and its partial
-        gradients of the taps [LAGS, D] and of the gain, which the caller sums."""
+        gradients of the taps [LAGS, D] and of the gain, which the caller sums. It runs one block behind: step j
+        computes block j's output gradient, parks it in the program's two-block ring, and finishes block j - 1's
+        input gradient from the ring (the last step reaches into the next program's rows for that)."""
         pid, h = tl.program_id(0), tl.program_id(1)
-        cols = h * D + tl.arange(0, D)
+        d = tl.arange(0, D)
+        cols = h * D + d
         gain = tl.load(gain_ptr + h) if HAS_GAIN else 1.0
+        ring = ring_ptr + (pid * tl.num_programs(1) + h) * 2 * BLOCK_T * D
         lag_idx = tl.arange(0, LAGS_POW2)
         acc_w = tl.zeros([LAGS_POW2, D], dtype=tl.float32)
         acc_gain = tl.zeros([BLOCK_T], dtype=tl.float32)
+        g_prev = tl.zeros([BLOCK_T, D], dtype=tl.float32)
         first = pid * rows_per_program
-        for r0 in range(first, first + rows_per_program, BLOCK_T):
+        last = first + rows_per_program
+        for r0 in range(first, last + BLOCK_T, BLOCK_T):
             rows = r0 + tl.arange(0, BLOCK_T)
-            ok = rows < N
+            mine = (rows < N) & (rows < last)
             g_y, gain_dot = _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, rows, h,
                                                      N, T, H, gain, LAGS, D, HALF)
-            acc_gain += gain_dot
-            gx = g_y
-            for lag in tl.static_range(1, LAGS + 1):
-                w = tl.load(w_ptr + (lag - 1) * H * D + cols)
-                ahead = rows + lag  # y[n + lag] read x[n]
-                g_ahead, _ = _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, ahead,
-                                                      h, N, T, H, gain, LAGS, D, HALF)
-                ahead_ok = (ahead < N) & (ahead % T >= lag)
-                m_ahead = tl.load(m_ptr + (lag - 1) * N + ahead, mask=ahead_ok, other=0.0)
-                gx += w[None, :] * m_ahead[:, None] * g_ahead
-                behind_ok = ok & (rows % T >= lag)  # y[n] read x[n - lag]
-                m_here = tl.load(m_ptr + (lag - 1) * N + rows, mask=behind_ok, other=0.0)
-                x_behind = tl.load(x_ptr + (rows - lag)[:, None] * H * D + cols[None, :], mask=behind_ok[:, None],
+            acc_gain += tl.where(mine, gain_dot, 0.0)
+            for lag in tl.static_range(1, LAGS + 1):  # the taps: y[n] read x[n - lag]
+                ok = mine & (rows % T >= lag)
+                m = tl.load(m_ptr + (lag - 1) * N + rows, mask=ok, other=0.0)
+                x_behind = tl.load(x_ptr + (rows - lag)[:, None] * H * D + cols[None, :], mask=ok[:, None],
                                    other=0.0)
-                partial = tl.sum(g_y * m_here[:, None] * x_behind.to(tl.float32), axis=0)
+                partial = tl.sum(g_y * m[:, None] * x_behind.to(tl.float32), axis=0)
                 acc_w += tl.where(lag_idx[:, None] == lag - 1, partial[None, :], 0.0)
-            tl.store(gx_ptr + rows[:, None] * H * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=ok[:, None])
+            tl.store(ring + (rows % (2 * BLOCK_T))[:, None] * D + d[None, :], g_y)
+            tl.debug_barrier()  # every thread's rows are in the ring before any thread reads its neighbours'
+            prev_rows = rows - BLOCK_T
+            gx = g_prev
+            for lag in tl.static_range(1, LAGS + 1):  # y[n + lag] read x[n]
+                src = prev_rows + lag
+                ok = (src >= 0) & (src < N) & (src % T >= lag)
+                m = tl.load(m_ptr + (lag - 1) * N + src, mask=ok, other=0.0)
+                g_src = tl.load(ring + (src % (2 * BLOCK_T))[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+                gx += tl.load(w_ptr + (lag - 1) * H * D + cols)[None, :] * m[:, None] * g_src
+            tl.store(gx_ptr + prev_rows[:, None] * H * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
+                     mask=((prev_rows >= first) & (prev_rows < N))[:, None])
+            tl.debug_barrier()  # all reads of the ring are done before the next step overwrites its older block
+            g_prev = g_y
         tl.store(gw_ptr + pid * LAGS * H * D + lag_idx[:, None] * H * D + cols[None, :], acc_w,
                  mask=(lag_idx < LAGS)[:, None])
         tl.store(gg_ptr + pid * H + h, tl.sum(acc_gain, axis=0))
@@ -838,20 +852,21 @@ class ConvNormRotary(torch.autograd.Function):
             x, m, w, cos, sin, g, out, rstd, N, T, H, RMS_NORM_EPS, LAGS=lags, D=D, HALF=cos.size(1),
             BLOCK_T=block_t, HAS_GAIN=gain is not None)
         ctx.save_for_backward(x, m, w, cos, sin, g, rstd)
-        ctx.has_gain, ctx.block_t = gain is not None, block_t
+        ctx.has_gain = gain is not None
         return out
 
     @staticmethod
     def backward(ctx, go: Tensor) -> tuple[Tensor, Tensor, None, None, None, Tensor | None]:
         x, m, w, cos, sin, g, rstd = ctx.saved_tensors
         B, T, H, D = x.shape
-        N, lags, block_t = B * T, w.size(0), ctx.block_t
+        N, lags, block_t = B * T, w.size(0), CONV_NORM_ROTARY_BACKWARD_BLOCK_T
         programs, rows_per_program = backward_programs(N, H, block_t, x.device)
         gx = torch.empty_like(x)
         gw = torch.empty(programs, lags, H * D, device=x.device, dtype=torch.float32)
         gg = torch.empty(programs, H, device=x.device, dtype=torch.float32)
+        ring = torch.empty(programs, H, 2 * block_t, D, device=x.device, dtype=torch.float32)
         _conv_norm_rotary_backward_kernel[(programs, H)](
-            x, m, w, go.contiguous(), cos, sin, g, rstd, gx, gw, gg, N, T, H, rows_per_program, LAGS=lags,
+            x, m, w, go.contiguous(), cos, sin, g, rstd, gx, gw, gg, ring, N, T, H, rows_per_program, LAGS=lags,
             LAGS_POW2=triton.next_power_of_2(lags), D=D, HALF=cos.size(1), BLOCK_T=block_t, HAS_GAIN=ctx.has_gain)
         return gx, gw.sum(0), None, None, None, gg.sum(0) if ctx.has_gain else None
 
