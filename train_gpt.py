@@ -828,11 +828,10 @@ if triton is not None:
 
 
 class ConvNormRotary(torch.autograd.Function):
-    """conv_norm_rotary through the two Triton kernels above. An attention layer's forward + backward on a 48 x 2048
-    micro-batch (H200) takes 6.25 ms; conv 3 on Q, K and V adds 0.54 ms this way, 0.70 with a convolution of its own
-    on each tensor (logs/bench_mixers_v10.txt). Its backward kernel takes 0.57 ms for Q and K, about 4x what its
-    memory traffic needs, as each block recomputes the output gradient of the rows ahead once per lag; the compiled
-    norm and rotary kernels that the two replace took about 0.31 ms."""
+    """conv_norm_rotary through the two Triton kernels above. Conv 3 on Q, K and V adds 2.5% to the competition
+    step (S786 on an H200: 673 vs 656 ms), conv 2 0.5% (logs/README.md, v11). In one attention layer (48 x 2048
+    tokens), the backward kernel takes 0.44 ms for Q and K; recomputing the rows ahead once per lag took 0.57
+    (logs/bench_mixers_v11.txt)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, masks: Tensor, cos: Tensor, sin: Tensor,
