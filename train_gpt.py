@@ -784,6 +784,7 @@ if triton is not None:
         gradients of the taps [LAGS, D] and of the gain, which the caller sums. It runs one block behind: step j
         computes block j's output gradient, parks it in the program's two-block ring, and finishes block j - 1's
         input gradient from the ring (the last step reaches into the next program's rows for that)."""
+        tl.static_assert(LAGS <= BLOCK_T)  # a block's rows ahead lie in the ring's other half, never further
         pid, h = tl.program_id(0), tl.program_id(1)
         d = tl.arange(0, D)
         cols = h * D + d

@@ -694,12 +694,12 @@ def test_the_fused_qk_conv_kernels_match_autograd():
 
 def test_the_gradient_check_of_bench_mixers_passes():
     """scripts/bench_mixers.py --check (what is run on the GPU before timing): in Triton's CPU interpreter, the fused
-    Q/K kernels at both backward block sizes and V's kernel must match autograd. Skipped where Triton is not
-    installed."""
+    Q/K kernels, with and without the gain, at both backward block sizes, and V's kernel must match autograd.
+    Skipped where Triton is not installed."""
     pytest.importorskip("triton")
     done = run_in_triton_interpreter([str(ROOT / "scripts" / "bench_mixers.py"), "--check"], 900)
     errors = [float(e) for e in re.findall(r"(\d\.\d+e[-+]\d+)", done.stdout)]
-    assert done.returncode == 0 and len(errors) == 3 and max(errors) < 1e-5, done.stdout + done.stderr[-3000:]
+    assert done.returncode == 0 and len(errors) == 5 and max(errors) < 1e-5, done.stdout + done.stderr[-3000:]
 
 
 def test_the_fused_qk_kernels_refuse_a_sequence_longer_than_the_rotary_tables():
