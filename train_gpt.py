@@ -801,7 +801,8 @@ if triton is not None:
             mine = (rows < N) & (rows < last)
             g_y, gain_dot = _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, rows, h,
                                                      N, T, H, gain, LAGS, D, HALF)
-            acc_gain += tl.where(mine, gain_dot, 0.0)
+            if HAS_GAIN:  # (K has none)
+                acc_gain += tl.where(mine, gain_dot, 0.0)
             for lag in tl.static_range(1, LAGS + 1):  # the taps: y[n] read x[n - lag]
                 ok = mine & (rows % T >= lag)
                 m = tl.load(m_ptr + (lag - 1) * N + rows, mask=ok, other=0.0)
@@ -825,7 +826,8 @@ if triton is not None:
             g_prev = g_y
         tl.store(gw_ptr + pid * LAGS * H * D + lag_idx[:, None] * H * D + cols[None, :], acc_w,
                  mask=(lag_idx < LAGS)[:, None])
-        tl.store(gg_ptr + pid * H + h, tl.sum(acc_gain, axis=0))
+        if HAS_GAIN:
+            tl.store(gg_ptr + pid * H + h, tl.sum(acc_gain, axis=0))
 
 
 class ConvNormRotary(torch.autograd.Function):

@@ -76,8 +76,8 @@ def check_gradients(dtype: torch.dtype, device: str = "cuda") -> str:
     """The kernels against autograd through the tensor ops in fp32 on the same (rounded) inputs, with documents:
     ConvNormRotary with a gain (Q) and without (K) at 32 and 64 tokens per backward block, and ShortConvFunction
     (V). Reports the largest difference relative to the largest reference value. On the GPU the size gives every
-    program several blocks, so the backward's ring wraps round as in training (it does not in the interpreter's
-    small case, which runs one thread anyway)."""
+    program several blocks, so the backward's ring wraps round as in training with its threads racing (the
+    interpreter runs one thread, so only the GPU tests the barriers)."""
     torch.manual_seed(0)
     b, t = (8, 2048) if device == "cuda" else (2, 100)  # the interpreter is slow; 100 still splits rows unevenly
     ids = torch.randint(0, 50, (b, t), device=device)
