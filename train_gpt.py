@@ -170,7 +170,9 @@ class Hyperparameters:
         self.ve_layers = self._int_list("VE_LAYERS", "")
         self.ve_dim = self._int("VE_DIM", 128, lo=1)
         self.smear_gate = self._bool("SMEAR_GATE", True)
-        self.qkv_conv_size = self._int("QKV_CONV_SIZE", 0, lo=0, hi=8)  # >1: causal conv on Q, K, V (taps incl. lag 0)
+        # >1: causal conv on Q, K, V (taps incl. lag 0). Off: over two P360 seeds it gained 0.0037 bpb at size 2 and
+        # 0.0028 at size 3, under the 0.005 bar for a step that it makes 0.5-4% slower.
+        self.qkv_conv_size = self._int("QKV_CONV_SIZE", 0, lo=0, hi=8)
 
         # S4D-Lin mixers.
         self.ssm_layers = self._int_list("SSM_LAYERS", "0,1")
@@ -832,9 +834,9 @@ if triton is not None:
 
 class ConvNormRotary(torch.autograd.Function):
     """conv_norm_rotary through the two Triton kernels above. Conv 3 on Q, K and V adds 2.5% to the competition
-    step (S786 on an H200: 673 vs 656 ms), conv 2 0.5% (logs/README.md, v11). In one attention layer (48 x 2048
-    tokens), the backward kernel takes 0.44 ms for Q and K; recomputing the rows ahead once per lag took 0.57
-    (logs/bench_mixers_v11.txt)."""
+    step (S786 on an H200: 673 vs 656 ms), conv 2 0.5%; 4.2% and 2.0% at P360 on another host (logs/README.md, v11
+    and v12). In one attention layer (48 x 2048 tokens), the backward kernel takes 0.44 ms for Q and K;
+    recomputing the rows ahead once per lag took 0.57 (logs/bench_mixers_v11.txt)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, masks: Tensor, cos: Tensor, sin: Tensor,
