@@ -170,8 +170,8 @@ class Hyperparameters:
         self.ve_layers = self._int_list("VE_LAYERS", "")
         self.ve_dim = self._int("VE_DIM", 128, lo=1)
         self.smear_gate = self._bool("SMEAR_GATE", True)
-        # >1: causal conv on Q, K, V (taps incl. lag 0). Off: over two P360 seeds it gained 0.0037 bpb at size 2 and
-        # 0.0028 at size 3, under the 0.005 bar for a step that it makes 0.5-4% slower.
+        # >1: causal conv on Q, K, V (taps incl. lag 0). Off: it slows the step by 0.5-4.2%, and over two P360 seeds
+        # it gained 0.0037 bpb at size 2 and 0.0028 at size 3, under the 0.005 that a default needs.
         self.qkv_conv_size = self._int("QKV_CONV_SIZE", 0, lo=0, hi=8)
 
         # S4D-Lin mixers.
@@ -834,7 +834,7 @@ if triton is not None:
 
 class ConvNormRotary(torch.autograd.Function):
     """conv_norm_rotary through the two Triton kernels above. Conv 3 on Q, K and V adds 2.5% to the competition
-    step (S786 on an H200: 673 vs 656 ms), conv 2 0.5%; 4.2% and 2.0% at P360 on another host (logs/README.md, v11
+    step (S786 on an H200: 673 vs 656 ms), conv 2 0.5%; P360 runs measured 2.9-4.2% and 2.0% (logs/README.md, v11
     and v12). In one attention layer (48 x 2048 tokens), the backward kernel takes 0.44 ms for Q and K;
     recomputing the rows ahead once per lag took 0.57 (logs/bench_mixers_v11.txt)."""
 
