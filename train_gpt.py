@@ -834,8 +834,8 @@ if triton is not None:
 
 class ConvNormRotary(torch.autograd.Function):
     """conv_norm_rotary through the two Triton kernels above. Conv 3 on Q, K and V adds 2.5% to the competition
-    step (S786 on an H200: 673 vs 656 ms), conv 2 0.5%; P360 runs measured 2.9-4.2% and 2.0% (logs/README.md, v11
-    and v12). In one attention layer (48 x 2048 tokens), the backward kernel takes 0.44 ms for Q and K;
+    step (S786 on an H200: 673 vs 656 ms), conv 2 0.5%; P360 runs measured 2.9-4.2% and 1.9-2.0% (logs/README.md,
+    v11 and v12). In one attention layer (48 x 2048 tokens), the backward kernel takes 0.44 ms for Q and K;
     recomputing the rows ahead once per lag took 0.57 (logs/bench_mixers_v11.txt)."""
 
     @staticmethod
