@@ -709,9 +709,9 @@ class ShortConvFunction(torch.autograd.Function):
 # Q and K are normalized and rotated right after their convolution, so on the GPU the three run as one kernel each
 # way. The backward recomputes the convolution and the norm instead of saving them: Q and K then get no pass over
 # memory of their own. A row's input gradient also takes the output gradients of the LAGS rows after it, so each
-# program computes a block's output gradient once, parks it in a small ring of its own in global memory (it stays
-# in L2) and finishes the block before it from there. Tokens per block (the fastest on an H200 of 16/32/64 forward
-# and 32/64 backward, logs/bench_mixers_v11.txt):
+# program computes a block's output gradient once, parks it in a small ring of its own in global memory (17 MB in
+# all at the competition shape, sized for L2) and finishes the block before it from there. Tokens per block (the
+# fastest on an H200 of 16/32/64 forward and 32/64 backward, logs/bench_mixers_v11.txt):
 CONV_NORM_ROTARY_BLOCK_T = 32
 CONV_NORM_ROTARY_BACKWARD_BLOCK_T = 64
 
