@@ -291,7 +291,8 @@ def summarize(folder, reference_loss: float, margin: float = 0.005, meta=None, w
     runs = load_runs(folder, warn)
     existing = [target / name for name in OUTPUTS if (target / name).exists()]
     if existing:
-        raise RecordError(f"{' and '.join(map(str, existing))} {'exists' if len(existing) == 1 else 'exist'}: this tool never modifies a file that is "
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise RecordError(f"{' and '.join(map(str, existing))} {verb}: this tool never modifies a file that is "
                           f"there; pass --output-dir DIR (a folder holding neither {' nor '.join(OUTPUTS)}) to "
                           f"write the summary elsewhere")
     facts = [r["facts"] for r in runs]
@@ -344,7 +345,8 @@ def summarize(folder, reference_loss: float, margin: float = 0.005, meta=None, w
                   ""]
     lines += [f"Runs in `{folder.name}/`: {n}. Headline metric of each run: the last `*_exact` line of its log "
               f"({', '.join(sorted({r['tag'] for r in runs}))}).", "",
-              "| seed | steps | step_avg_ms | val_loss | val_bpb | bytes_total | train+calibration s | eval s | valid |",
+              "| seed | steps | step_avg_ms | val_loss | val_bpb | bytes_total | train+calibration s | eval s "
+              "| valid |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for f in facts:
         lines.append(f"| {f['seed']} | {f.get('steps', 'n/a')} | {fmt(f.get('step_avg_ms'), '.2f')} | "
