@@ -292,8 +292,8 @@ def summarize(folder, reference_loss: float, margin: float = 0.005, meta=None, w
     existing = [target / name for name in OUTPUTS if (target / name).exists()]
     if existing:
         verb = "exists" if len(existing) == 1 else "exist"
-        raise RecordError(f"{' and '.join(map(str, existing))} {verb}: this tool never modifies a file that is "
-                          f"there; pass --output-dir DIR (a folder holding neither {' nor '.join(OUTPUTS)}) to "
+        raise RecordError(f"{' and '.join(map(str, existing))} {verb}: summarize_seeds.py never modifies a file "
+                          f"that is there; pass --output-dir DIR (a folder holding neither {' nor '.join(OUTPUTS)}) to "
                           f"write the summary elsewhere")
     facts = [r["facts"] for r in runs]
     losses, bpbs = [f["val_loss"] for f in facts], [f["val_bpb"] for f in facts]
