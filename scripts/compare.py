@@ -233,9 +233,9 @@ def read_log(run: Run, text: str) -> None:
         run.step_avg_ms = run.train_time_ms / run.steps if run.steps else None
     if m := PRE_EXPORT_RE.search(body):
         run.scores["pre_export"] = (float(m.group(1)), float(m.group(2)))
-    for label, loss, bpb in FINAL_RE.findall(body):
-        run.scores[PASS_OF[label]] = (float(loss), float(bpb))
-        run.headline_pass = PASS_OF[label]
+    for pass_name, loss, bpb in FINAL_RE.findall(body):
+        run.scores[PASS_OF[pass_name]] = (float(loss), float(bpb))
+        run.headline_pass = PASS_OF[pass_name]  # the last pass logged is the run's own headline
     if m := EXPORT_RE.search(body):
         run.export_s = float(m.group(1))
     if m := TOTAL_RE.search(body):
