@@ -1,11 +1,14 @@
 """
 S4D-Lin / XSA-attention hybrid for the Parameter Golf 16 MB track, in one file.
 
-Data flows top to bottom: hyperparameters -> data -> tokenizer/bpb -> model -> optimizer -> training ->
-export (GPTQ int5 + lzma) -> evaluation of the round-tripped artifact.
+It trains an 11-layer model whose first layers mix tokens with causal S4D-Lin convolutions instead of attention,
+calibrates and exports it under 16,000,000 bytes (GPTQ at widths chosen by measured sensitivity, lzma), then
+scores the round-tripped artifact in bits per byte. The file reads top to bottom as the data flows:
+hyperparameters -> data and byte counting -> model -> optimizers and training -> calibration, quantization and
+the artifact -> evaluation and test-time training -> validity -> main(), the run itself.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py      # competition run
-    python3 train_gpt.py                                      # no GPU and no data: small self-made demo on CPU
+    python3 scripts/demo.py                                   # no GPU and no data: a small demo on the CPU
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -35,11 +39,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-try:  # Triton (bundled with CUDA builds of PyTorch): the fused kernels of the Q/K/V convolution.
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 try:  # FlashAttention 3 (Hopper) when installed; PyTorch SDPA otherwise.
     from flash_attn_interface import flash_attn_func as fa3_attention
 except ImportError:
@@ -49,7 +48,6 @@ SIZE_LIMIT_BYTES = 16_000_000
 # Where the official download scripts put each vocabulary's shards and tokenizer.
 DATA_PATH_PATTERN = "./data/datasets/fineweb10B_sp{}"
 TOKENIZER_PATH_PATTERN = "./data/tokenizers/fineweb_{}_bpe.model"
-DEMO_DIR = "./demo_data"
 
 # -----------------------------
 # HYPERPARAMETERS
@@ -62,8 +60,12 @@ OWNED_PREFIXES = (
     "ROPE_", "QK_", "WARMDOWN_", "WARMUP_", "MLP_", "MODEL_", "TIED_", "MATRIX_", "SCALAR_", "LOGIT_",
     "SMEAR_", "EMBED_", "QKV_", "NUM_LAYER", "NUM_HEAD", "NUM_KV", "MAX_WALLCLOCK", "MIN_LR", "GRAD_CLIP", "BETA",
     "ITERATION", "SEED", "VOCAB", "ARTIFACT_", "TOKENIZER_", "DATA_PATH", "CHECKPOINT_", "EXPORT_", "PASSTHROUGH_",
-    "TTT_", "PRE_EXPORT",
+    "TTT_", "PRE_EXPORT", "LQER_",
 )
+# Knobs whose work moved: naming the new way beats "unknown variable".
+MOVED_KNOBS = {"EVAL_ARTIFACT": "python3 scripts/evaluate.py --artifact PATH",
+               "EXPORT_CHECKPOINT": "python3 scripts/evaluate.py --checkpoint PATH",
+               "QUANT_ALLOC": "QUANT_UNIFORM_BITS=N (0: widths by sensitivity)"}
 # Variables of the launcher (torchrun), the accelerator stack and the shell are never knobs, however close to one
 # they are spelled. Any other variable within a typo's distance of a knob is an error.
 FOREIGN_PREFIXES = (
@@ -71,27 +73,6 @@ FOREIGN_PREFIXES = (
     "GROUP_", "ROLE_", "PYTHON", "LD_", "LC_", "XDG_", "SSH_", "CONDA", "HF_", "PIP_", "VIRTUAL_ENV",
 )
 FOREIGN_NAMES = {"RANK", "WORLD_SIZE", "PATH", "HOME", "USER", "SHELL", "PWD", "OLDPWD", "TERM", "LANG", "HOSTNAME"}
-
-# The no-GPU, no-data demo: a model small enough to train, export and evaluate on two CPU cores in about a
-# minute. It is bounded by steps, not by the wall clock, so a seed gives the same numbers on a busy machine.
-# Only defaults change; anything set in the environment still wins.
-DEMO_DEFAULTS = {
-    "DATA_PATH": DEMO_DIR, "TOKENIZER_PATH": f"{DEMO_DIR}/demo_512_bpe.model", "VOCAB_SIZE": "512",
-    "NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "MLP_MULT": "2",
-    "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "TRAIN_BATCH_TOKENS": "4096",
-    "ITERATIONS": "60", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": "20",
-    "SSM_LAYERS": "0", "XSA_LAST_N": "4", "VE_LAYERS": "3", "BIGRAM_VOCAB_SIZE": "512",
-    "BIGRAM_DIM": "32", "VE_DIM": "32", "GPTQ_CALIB_SEQS": "16", "GPTQ_RESERVE_SECONDS": "2",
-    "EVAL_BATCH_SEQS": "16", "MATRIX_LR": "0.02", "TIED_EMBED_LR": "0.03", "TTT_CHUNK_TOKENS": "4096",
-}
-
-
-# The default vocabulary is the official 8192-piece one: on the same text and seed it beat sp1024 by 0.027 bpb at
-# the competition batch (logs/README.md), and the leaderboard's records below 1.10 all moved off sp1024 (#1218,
-# #1394). At 8192 pieces the tied embedding alone is 4.2M values, so the sp8192 records dropped value embeddings
-# and the bigram hash; the width allocator spends what they free. VOCAB_SIZE=1024 brings back the sp1024 stack.
-DEFAULT_VOCAB_SIZE = 8192
-VOCAB_DEFAULTS = {1024: {"VE_LAYERS": "9,10", "BIGRAM_VOCAB_SIZE": "2048", "TTT_LR": "0.002"}}
 
 
 def typo_distance(a: str, b: str) -> int:
@@ -115,23 +96,19 @@ def looks_like_typo(name: str, knob: str) -> bool:
 class Hyperparameters:
     """Every knob, read once from the environment, validated, and listed in `values` for the log."""
 
-    def __init__(self, env: dict[str, str] | None = None, defaults: dict[str, str] | None = None):
+    def __init__(self, env: dict[str, str] | None = None):
         self._env = dict(os.environ if env is None else env)
-        self._defaults = defaults or {}
         self.values: dict[str, object] = {}
 
-        # Data and run identity. The vocabulary comes first: the data, the tokenizer and a few shape defaults
-        # follow it (VOCAB_DEFAULTS), so VOCAB_SIZE=8192 alone switches the whole run.
-        self.vocab_size = self._int("VOCAB_SIZE", DEFAULT_VOCAB_SIZE, lo=2, hi=65536)
-        self._defaults = {**VOCAB_DEFAULTS.get(self.vocab_size, {}), **self._defaults}
+        # Data and run identity. The vocabulary picks the official data and tokenizer paths. sp8192 beat sp1024 by
+        # 0.0255 bpb at the competition batch (logs/README.md), as the records below 1.10 did (#1218, #1394).
+        self.vocab_size = self._int("VOCAB_SIZE", 8192, lo=2, hi=65536)
         self.data_path = self._str("DATA_PATH", DATA_PATH_PATTERN.format(self.vocab_size))
         self.tokenizer_path = self._str("TOKENIZER_PATH", TOKENIZER_PATH_PATTERN.format(self.vocab_size))
         self.run_id = self._str("RUN_ID", str(uuid.uuid4()))
         self.seed = self._int("SEED", 1337, lo=0)
         self.artifact_path = self._str("ARTIFACT_PATH", "final_model.ptz")
         self.checkpoint_path = self._str("CHECKPOINT_PATH", f"checkpoints/{self.run_id}.pt")  # "": none kept
-        self.eval_artifact = self._str("EVAL_ARTIFACT", "")  # set: evaluate this artifact, train nothing
-        self.export_checkpoint = self._str("EXPORT_CHECKPOINT", "")  # set: export this checkpoint, then evaluate
         self.compile = self._bool("COMPILE", True)
 
         # Training length. MAX_WALLCLOCK_SECONDS=0 means "no cap": ITERATIONS alone ends the run.
@@ -147,9 +124,6 @@ class Hyperparameters:
         self.warmdown_frac = self._float("WARMDOWN_FRAC", 0.5, lo=0.0, hi=1.0)
         self.min_lr_frac = self._float("MIN_LR_FRAC", 0.0, lo=0.0, hi=1.0)
         self.muon_momentum = self._float("MUON_MOMENTUM", 0.99, lo=0.0, hi=0.9999)
-        self.muon_momentum_warmup_start = self._float("MUON_MOMENTUM_WARMUP_START", 0.92, lo=0.0, hi=0.9999)
-        self.muon_momentum_warmup_frac = self._float("MUON_MOMENTUM_WARMUP_FRAC", 0.2, lo=0.0, hi=1.0)
-        self.ema_enabled = self._bool("EMA_ENABLED", True)
         self.ema_horizon_frac = self._float("EMA_HORIZON_FRAC", 0.05, lo=1e-4, hi=1.0)
 
         # Model shape.
@@ -163,65 +137,40 @@ class Hyperparameters:
         self.rope_base = self._float("ROPE_BASE", 10000.0, lo=1.0)
         self.qk_gain_init = self._float("QK_GAIN_INIT", 1.5, lo=0.0)
         self.logit_softcap = self._float("LOGIT_SOFTCAP", 30.0, lo=0.0)
-        self.tied_embed_init_std = self._float("TIED_EMBED_INIT_STD", 0.005, lo=0.0)
         self.xsa_last_n = self._int("XSA_LAST_N", 11, lo=0)
-        self.bigram_vocab_size = self._int("BIGRAM_VOCAB_SIZE", 0, lo=0)
-        self.bigram_dim = self._int("BIGRAM_DIM", 128, lo=1)
-        self.ve_layers = self._int_list("VE_LAYERS", "")
-        self.ve_dim = self._int("VE_DIM", 128, lo=1)
-        self.smear_gate = self._bool("SMEAR_GATE", True)
-        # >1: causal conv on Q, K, V (taps incl. lag 0). Off: it slows the step by 0.5-4.2%, and over two P360 seeds
-        # it gained 0.0037 bpb at size 2 and 0.0028 at size 3, under the 0.005 that a default needs.
-        self.qkv_conv_size = self._int("QKV_CONV_SIZE", 0, lo=0, hi=8)
 
-        # S4D-Lin mixers.
+        # S4D-Lin mixers. FIR taps: 32 beat 64 by 0.0135 and 0.0078 bpb at P360 (two seeds; logs/README.md).
         self.ssm_layers = self._int_list("SSM_LAYERS", "0,1")
         self.ssm_mode = self._choice("SSM_MODE", "replace", ("replace", "parallel"))
         self.ssm_kernel = self._choice("SSM_KERNEL", "fir", ("fir", "s4d"))
-        # FIR taps: 32 beat 64 by 0.0135 and 0.0078 bpb at P360 (two seeds) and by 0.0026 at P150 (logs/README.md).
         self.ssm_kernel_size = self._int("SSM_KERNEL_SIZE", 32, lo=1)
         self.ssm_state_dim = self._int("SSM_STATE_DIM", 64, lo=2)
-        self.ssm_dt_min = self._float("SSM_DT_MIN", 1e-3, lo=1e-6)
-        self.ssm_dt_max = self._float("SSM_DT_MAX", 1e-1, lo=1e-6)
-        self.ssm_rate_min = self._float("SSM_RATE_MIN", 0.05, lo=1e-6)
-        self.ssm_rate_max = self._float("SSM_RATE_MAX", 2.0, lo=1e-6)
 
-        # Optimizers.
+        # Optimizers: Muon for matrices, Adam for the embedding and everything else (S4D kernels included).
         self.matrix_lr = self._float("MATRIX_LR", 0.025, lo=0.0)
         self.scalar_lr = self._float("SCALAR_LR", 0.025, lo=0.0)
-        self.ssm_lr = self._float("SSM_LR", 0.025, lo=0.0)  # the S4D kernels' own parameters (Adam, no decay)
         self.tied_embed_lr = self._float("TIED_EMBED_LR", 0.035, lo=0.0)
-        self.muon_backend_steps = self._int("MUON_BACKEND_STEPS", 5, lo=1)
         self.muon_wd = self._float("MUON_WD", 0.04, lo=0.0)
         self.adam_wd = self._float("ADAM_WD", 0.04, lo=0.0)
-        self.beta1 = self._float("BETA1", 0.9, lo=0.0, hi=0.9999)
-        self.beta2 = self._float("BETA2", 0.95, lo=0.0, hi=0.99999)
-        self.adam_eps = self._float("ADAM_EPS", 1e-8, lo=0.0)
         self.grad_clip_norm = self._float("GRAD_CLIP_NORM", 0.3, lo=0.0)
 
         # Export. Calibration reads training data, so its time is reserved inside the training wall clock.
-        self.quant_alloc = self._bool("QUANT_ALLOC", True)  # widths by measured sensitivity up to the target
         self.quant_target_bytes = self._int("QUANT_TARGET_BYTES", 15_995_000, lo=1, hi=SIZE_LIMIT_BYTES)
         self.quant_min_bits = self._int("QUANT_MIN_BITS", 4, lo=2, hi=8)
-        self.quant_max_bits = self._int("QUANT_MAX_BITS", 8, lo=2, hi=8)
-        self.quant_bits = self._int("QUANT_BITS", 5, lo=2, hi=8)  # block matrices when QUANT_ALLOC=0
-        self.embed_quant_bits = self._int("EMBED_QUANT_BITS", 8, lo=2, hi=8)  # the other tensors when QUANT_ALLOC=0
-        self.embed_gptq = self._bool("EMBED_GPTQ", True)  # the tied embedding by GPTQ as the head (0: rounding)
-        self.passthrough_fp16 = self._bool("PASSTHROUGH_FP16", True)
+        self.quant_max_bits = self._int("QUANT_MAX_BITS", 8, lo=2, hi=8)  # values are stored as int8
+        # N: every quantized tensor at N bits, no LQER (for comparison); 0: widths by sensitivity up to the target
+        self.quant_uniform_bits = self._int("QUANT_UNIFORM_BITS", 0, lo=0, hi=8)
         # LQER: a rank-r correction of a matrix's quantization error, int8 factors; the allocator buys it where it
         # removes more predicted loss per byte than a wider grid (0: never)
         self.lqer_rank = self._int("LQER_RANK", 4, lo=0, hi=64)
         self.gptq_calib_seqs = self._int("GPTQ_CALIB_SEQS", 64, lo=1)
         self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 8.0, lo=0.0)
-        self.gptq_block_size = self._int("GPTQ_BLOCK_SIZE", 128, lo=1)
-        self.gptq_damp = self._float("GPTQ_DAMP", 0.01, lo=0.0)
 
         # Evaluation. EVAL_STRIDE=0 skips the sliding pass.
         self.eval_seq_len = self._int("EVAL_SEQ_LEN", 2048, lo=2)
         self.eval_stride = self._int("EVAL_STRIDE", 64, lo=0)
         self.eval_batch_seqs = self._int("EVAL_BATCH_SEQS", 32, lo=1)
         self.val_max_tokens = self._int("VAL_MAX_TOKENS", 0, lo=0)  # 0 = the whole split (the official score)
-        self.pre_export_sliding = self._bool("PRE_EXPORT_SLIDING", False)  # sliding score before quantization too
         self.ttt_enabled = self._bool("TTT_ENABLED", True)  # a third, score-first test-time-training pass
         self.ttt_lr = self._float("TTT_LR", 0.005, lo=0.0)
         self.ttt_epochs = self._int("TTT_EPOCHS", 3, lo=1)
@@ -232,7 +181,7 @@ class Hyperparameters:
 
     # Typed readers: each records the value for the log and names the variable in every error.
     def _raw(self, name: str, default: object) -> str:
-        return self._env.get(name, self._defaults.get(name, str(default)))
+        return self._env.get(name, str(default))
 
     def _record(self, name: str, value):
         self.values[name] = value
@@ -285,11 +234,10 @@ class Hyperparameters:
 
     def _check_consistency(self) -> None:
         n = self.num_layers
-        for name, layers in (("SSM_LAYERS", self.ssm_layers), ("VE_LAYERS", self.ve_layers)):
-            bad = [i for i in layers if not 0 <= i < n]
-            if bad:
-                origin = "" if name in self._env else f", the default for VOCAB_SIZE={self.vocab_size}: set {name}"
-                raise ValueError(f"{name} has layer(s) {bad} outside 0..{n - 1} (NUM_LAYERS={n}{origin})")
+        bad = [i for i in self.ssm_layers if not 0 <= i < n]
+        if bad:
+            origin = "" if "SSM_LAYERS" in self._env else ", the default: set SSM_LAYERS"
+            raise ValueError(f"SSM_LAYERS has layer(s) {bad} outside 0..{n - 1} (NUM_LAYERS={n}{origin})")
         if self.model_dim % self.num_heads:
             raise ValueError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -297,20 +245,12 @@ class Hyperparameters:
         head_dim = self.model_dim // self.num_heads
         if head_dim % 2 or self.rope_dims % 2 or self.rope_dims > head_dim:
             raise ValueError(f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
-        if self.ssm_mode == "replace":
-            no_attention = sorted(set(self.ve_layers) & set(self.ssm_layers))
-            if no_attention:
-                raise ValueError(f"VE_LAYERS {no_attention} are S4D layers with no attention (SSM_MODE=replace)")
         if self.ssm_kernel == "s4d" and self.ssm_state_dim % 2:
             raise ValueError(f"SSM_STATE_DIM={self.ssm_state_dim} must be even (complex modes come in pairs)")
-        if self.ssm_dt_min > self.ssm_dt_max or self.ssm_rate_min > self.ssm_rate_max:
-            raise ValueError("SSM_DT_MIN/SSM_RATE_MIN must not exceed SSM_DT_MAX/SSM_RATE_MAX")
-        if self.qkv_conv_size > min(self.train_seq_len, self.eval_seq_len):
-            raise ValueError(f"QKV_CONV_SIZE={self.qkv_conv_size} exceeds the sequence length")
-        if self.eval_stride > self.eval_seq_len:
-            raise ValueError(f"EVAL_STRIDE={self.eval_stride} must not exceed EVAL_SEQ_LEN={self.eval_seq_len}")
         if self.quant_min_bits > self.quant_max_bits:
             raise ValueError(f"QUANT_MIN_BITS={self.quant_min_bits} exceeds QUANT_MAX_BITS={self.quant_max_bits}")
+        if self.eval_stride > self.eval_seq_len:
+            raise ValueError(f"EVAL_STRIDE={self.eval_stride} must not exceed EVAL_SEQ_LEN={self.eval_seq_len}")
         if self.max_wallclock_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ValueError("GPTQ_RESERVE_SECONDS must be smaller than MAX_WALLCLOCK_SECONDS")
 
@@ -319,6 +259,8 @@ class Hyperparameters:
         for name in sorted(self._env):
             if name in self.values or name in FOREIGN_NAMES or name.startswith(FOREIGN_PREFIXES):
                 continue
+            if name in MOVED_KNOBS:
+                raise ValueError(f"{name} is no knob any more: use {MOVED_KNOBS[name]}")
             near = [k for k in known if looks_like_typo(name.upper(), k)]  # ttt_lr too
             if near or name.startswith(OWNED_PREFIXES):
                 hint = near or difflib.get_close_matches(name, known, n=1)
@@ -336,6 +278,203 @@ class Hyperparameters:
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of "
                 f"WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN = {world_size}*{grad_accum}*{self.train_seq_len}")
         return grad_accum, self.train_batch_tokens // per_micro
+
+# -----------------------------
+# RUN SET-UP: THE LOG, THE PROCESSES AND THE DEVICE
+# -----------------------------
+
+SEPARATOR = "=" * 100
+
+
+def keep_previous(*paths: Path) -> list[tuple[Path, Path]]:
+    """Move existing files aside to <stem>.<n><suffix>, one n free for all of them (a log and its facts keep the same
+    number), so a run never overwrites or appends to what an earlier run produced. Returns (old, new) pairs."""
+    def aside(path: Path, n: int) -> Path:
+        return path.with_name(f"{path.stem}.{n}{path.suffix}")
+
+    n = 1
+    while any(aside(path, n).exists() for path in paths):
+        n += 1
+    moved = [(path, aside(path, n)) for path in paths if path.exists()]
+    for path, new in moved:
+        path.rename(new)
+    return moved
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`, torchrun stopping its workers) ends the run as Ctrl-C does: the log's last
+    line and the facts say so, what the run already wrote stays, and the exit status is the signal's (128 + 15)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_status = 128 + signum
+
+
+def stop_on_signal(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+class RunLog:
+    """Rank 0's record of the run. logs/<RUN_ID>.txt starts with this script's source and a separator line, then
+    every logged line (the console gets the same lines); logs/<RUN_ID>.json holds the run's facts. Files of an
+    earlier run with the same RUN_ID are moved aside first."""
+
+    def __init__(self, run_id: str, master: bool, code: bytes):
+        if not run_id or not all(c.isalnum() or c in "._-" for c in run_id):
+            raise ValueError(f"RUN_ID={run_id!r} must be letters, digits, '.', '_' and '-' (it names the log files)")
+        self.run_id, self.master, self.facts = run_id, master, {"run_id": run_id, "status": "started"}
+        self.txt, self.json = Path("logs") / f"{run_id}.txt", Path("logs") / f"{run_id}.json"
+        if not master:
+            return
+        self.txt.parent.mkdir(exist_ok=True)
+        moved = keep_previous(self.txt, self.json)
+        self.txt.write_text(code.decode("utf-8") + "\n" + SEPARATOR + "\n", encoding="utf-8")
+        for path, aside in moved:
+            self(f"note: RUN_ID={run_id} was used before: the earlier {path} is kept as {aside}")
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if not self.master:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.txt, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+    def update(self, **facts) -> None:
+        self.facts.update(facts)
+        if self.master:
+            self.json.write_text(json.dumps(self.facts, indent=2) + "\n", encoding="utf-8")
+
+    def fail(self, error: BaseException) -> None:
+        """The run stops here: its log's last line and its facts say why."""
+        if isinstance(error, KeyboardInterrupt):
+            what = f"interrupted ({error})" if str(error) else "interrupted"
+        else:
+            what = f"{type(error).__name__}: {error}"
+        self(f"ERROR: {what}")
+        self.update(status="failed", error=what)
+
+
+
+class Place(NamedTuple):
+    """This process's place in the job, fixed at start-up."""
+    distributed: bool
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def process_place() -> tuple[bool, int, int, int]:
+    """(distributed, rank, world size, local rank) from torchrun's variables; one process without them."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not distributed:
+        return False, 0, 1, 0
+    return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def set_up(args: Hyperparameters, distributed: bool, rank: int, world_size: int, local_rank: int) -> Place:
+    """The device, the process group and the seeds. A batch that does not divide over the ranks stops the run
+    here, before any data or model work."""
+    args.batch_layout(world_size)
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if distributed:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    return Place(distributed, rank, world_size, device)
+
+
+def log_run_header(log: RunLog, args: Hyperparameters, place: Place) -> None:
+    log(f"Running Python {sys.version.split()[0]} PyTorch {torch.__version__}", console=False)
+    if place.cuda:
+        log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
+    log("hyperparameters:")
+    for name, value in args.values.items():
+        log(f"  {name}: {env_string(value)}")
+    if args.val_max_tokens:
+        log(f"WARNING: VAL_MAX_TOKENS={args.val_max_tokens} scores a prefix of the validation split: "
+            f"not an official score")
+    log.update(seed=args.seed, world_size=place.world_size)
+
+
+def env_string(value: object) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def sync(place: Place) -> None:
+    if place.cuda:
+        torch.cuda.synchronize()
+
+
+def leave_process_group() -> None:
+    """Tear the process group down only after every rank has arrived. The process then ends without interpreter
+    shutdown (see exit_with)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def on_rank0(place: Place, what: str, work):
+    """Run `work` on rank 0 alone. A failure there is shared at once, so every rank stops together instead of
+    waiting at the next collective. Returns work()'s result on rank 0, None elsewhere."""
+    ok, error, result = torch.ones((), device=place.device), None, None
+    if place.master:
+        try:
+            result = work()
+        except Exception as e:
+            ok.zero_()
+            error = e
+    if place.distributed:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not bool(ok.item()):
+        if place.distributed:
+            leave_process_group()
+        if error is not None:
+            raise RuntimeError(f"{what} failed: {type(error).__name__}: {error}") from error
+        raise SystemExit(f"{what} failed on rank 0")
+    return result
+
+
+def refuse_arguments(argv: list[str]) -> None:
+    """Every setting is an environment variable; an argument would be ignored without a word, so it is an error."""
+    if argv:
+        hint = (" (to print the source a packed script holds: python3 scripts/pack.py --unpack FILE)"
+                if "--unpack" in argv else "")
+        raise ValueError(f"train_gpt.py takes no arguments, only environment variables (README.md): got "
+                         f"{' '.join(argv)}{hint}")
+
+
+def exit_with(main) -> None:
+    """Run main() and leave with its status; SIGTERM's (128 + 15) when it stopped on one."""
+    try:
+        status = main()
+    except Stopped as stopped:  # the log already ends with the reason
+        status = stopped.exit_status
+    if process_place()[0]:
+        # Gloo's worker threads drop a finished collective's tensors a moment after the caller resumes and need the
+        # GIL to do it; a rank in interpreter shutdown then aborts ("terminate called without an active exception").
+        # Leaving without that shutdown closes the race (the logs are already closed, the output is flushed here).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 # -----------------------------
@@ -395,7 +534,8 @@ def find_shards(data_path: str, split: str) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
     files = sorted(glob.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no {split} shards match {pattern}")
+        raise FileNotFoundError(f"no {split} shards match {pattern}: set DATA_PATH, fetch the data (README.md), or "
+                                f"run the CPU demo with python3 scripts/demo.py")
     for f in files:
         read_shard_header(f)
     return files
@@ -520,6 +660,29 @@ def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, 
     return compared
 
 
+
+
+def load_validation(args: Hyperparameters, place: Place, log: RunLog) -> tuple[spm.SentencePieceProcessor, dict]:
+    """The tokenizer, the validation tokens and the official byte count of every target, after checking that the
+    tokenizer is the one that made the shards."""
+    val_np = load_validation_tokens(args.data_path, args.val_max_tokens)
+    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    check_token_range(val_np, args.vocab_size, "the validation split")
+    docs = check_tokenizer_matches(sp, val_np, args.tokenizer_path)
+    if not docs:
+        log(f"WARNING: no whole validation document without <unk> among the first tokens: could not check that "
+            f"TOKENIZER_PATH={args.tokenizer_path} made the shards")
+    byte_counts = target_byte_counts(val_np, build_sentencepiece_luts(sp))
+    val = {"tokens": torch.from_numpy(val_np.astype(np.int64)).to(place.device),
+           "target_bytes": torch.from_numpy(byte_counts).to(place.device)}
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path} "
+        f"reproduces_val_documents:{docs}")
+    log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val_np.size} "
+        f"targets:{val_np.size - 1} target_bytes:{int(byte_counts.sum())}")
+    log.update(val_tokens=int(val_np.size - 1), val_bytes=int(byte_counts.sum()))
+    return sp, val
+
+
 # -----------------------------
 # TRANSFORMER / S4D MODULES
 # -----------------------------
@@ -586,310 +749,11 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     return y.view(B, T, H, D)
 
 
-def same_document_masks(ids: Tensor, bos_id: int, lags: int) -> Tensor:
-    """[lags, B, T, 1] fp32 (once per forward, as the kernels read them): 1 where token t - lag (lag 1..lags) exists
-    and belongs to t's document (no BOS after it)."""
-    doc = torch.cumsum(ids == bos_id, dim=1)
-    masks = torch.stack([F.pad(doc[:, :-lag], (lag, 0), value=-1) == doc for lag in range(1, lags + 1)])
-    return masks[..., None].float()
-
-
-def triton_kernels_for(x: Tensor) -> bool:
-    """The Triton kernels run on the GPU, and on the CPU only in Triton's interpreter (where the tests run them)."""
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def short_causal_conv(x: Tensor, weight: Tensor, masks: Tensor) -> Tensor:
-    """x [B, T, C] plus sum over lag of weight[lag - 1] * x[t - lag] within the document: a residual depthwise causal
-    convolution (zero weights are the identity). The forward is a few shifted multiply-adds, which the compiler
-    fuses into the kernels around it; on the GPU the backward is one Triton kernel (ShortConvFunction). The model
-    uses it for V; Q and K take conv_norm_rotary."""
-    if triton_kernels_for(x):
-        return ShortConvFunction.apply(x, weight, masks)
-    return short_causal_conv_ops(x, weight, masks)
-
-
-def short_causal_conv_ops(x: Tensor, weight: Tensor, masks: Tensor) -> Tensor:
-    y = x
-    for lag in range(1, weight.size(0) + 1):
-        y = y + weight[lag - 1].to(x.dtype) * masks[lag - 1].to(x.dtype) * F.pad(x[:, :-lag], (0, 0, lag, 0))
-    return y
-
-
-if triton is not None:
-    @triton.jit
-    def _short_conv_backward_kernel(g_ptr, x_ptr, m_ptr, w_ptr, gx_ptr, gw_ptr, N, T, C, rows_per_program,
-                                    LAGS: tl.constexpr, LAGS_POW2: tl.constexpr, BLOCK_N: tl.constexpr,
-                                    BLOCK_C: tl.constexpr):
-        """One pass over g and x for both gradients. Rows are tokens (B*T flattened); a lag never reaches into the
-        previous sequence (position t mod T >= lag, as the forward's padding), and the masks cut documents. A
-        program owns BLOCK_C channels of rows_per_program rows and writes its partial weight gradient
-        [LAGS, BLOCK_C], which the caller sums."""
-        pid_n, pid_c = tl.program_id(0), tl.program_id(1)
-        cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        lag_idx = tl.arange(0, LAGS_POW2)
-        acc = tl.zeros([LAGS_POW2, BLOCK_C], dtype=tl.float32)
-        first = pid_n * rows_per_program
-        for r0 in range(first, first + rows_per_program, BLOCK_N):
-            rows = r0 + tl.arange(0, BLOCK_N)
-            row_ok = rows < N
-            offs = rows[:, None] * C + cols[None, :]
-            g = tl.load(g_ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            gx = g
-            for lag in tl.static_range(1, LAGS + 1):
-                w = tl.load(w_ptr + (lag - 1) * C + cols, mask=col_ok, other=0.0)
-                ahead = rows + lag  # y[n + lag] read x[n]
-                ok = (ahead < N) & (ahead % T >= lag)
-                m_ahead = tl.load(m_ptr + (lag - 1) * N + ahead, mask=ok, other=0.0)
-                g_ahead = tl.load(g_ptr + ahead[:, None] * C + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                                  other=0.0)
-                gx += w[None, :] * m_ahead[:, None] * g_ahead.to(tl.float32)
-                behind = rows - lag  # y[n] read x[n - lag] through weight[lag - 1]
-                ok = (rows % T >= lag) & row_ok
-                m_here = tl.load(m_ptr + (lag - 1) * N + rows, mask=row_ok, other=0.0)
-                x_behind = tl.load(x_ptr + behind[:, None] * C + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                                   other=0.0)
-                partial = tl.sum(g * m_here[:, None] * x_behind.to(tl.float32), axis=0)
-                acc += tl.where(lag_idx[:, None] == lag - 1, partial[None, :], 0.0)
-            tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-        tl.store(gw_ptr + pid_n * LAGS * C + lag_idx[:, None] * C + cols[None, :], acc,
-                 mask=(lag_idx < LAGS)[:, None] & col_ok[None, :])
-
-
-def backward_programs(n_rows: int, columns: int, block: int, device: torch.device) -> tuple[int, int]:
-    """The grid rows and rows per program of a backward kernel over (row runs, columns): four programs per
-    multiprocessor, each a long run of rows (whole blocks), so the partial weight gradients the caller sums stay few.
-    (On the CPU only Triton's interpreter runs the kernels, in the tests: three programs there.)"""
-    programs = max(1, 4 * torch.cuda.get_device_properties(device).multi_processor_count // columns) \
-        if device.type == "cuda" else 3
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), block) * block
-    return triton.cdiv(n_rows, rows_per_program), rows_per_program
-
-
-def short_conv_backward(g: Tensor, x: Tensor, masks: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of short_causal_conv for x [B, T, C] and weight [lags, C] (fp32), from one Triton kernel."""
-    lags, C = weight.shape
-    T = x.size(1)
-    g2, x2 = g.reshape(-1, C).contiguous(), x.reshape(-1, C).contiguous()
-    N = g2.size(0)
-    # 128 tokens x 64 channels, four warps, four programs per multiprocessor: the fastest of 17 shapes timed on an
-    # H200 for 512 and 256 channels (logs/triton_tune_v9.txt).
-    block_n, block_c = 128, 64
-    col_blocks = triton.cdiv(C, block_c)
-    row_programs, rows_per_program = backward_programs(N, col_blocks, block_n, g.device)
-    gx = torch.empty_like(g2)
-    gw = torch.empty(row_programs, lags, C, device=g.device, dtype=torch.float32)
-    _short_conv_backward_kernel[(row_programs, col_blocks)](
-        g2, x2, masks.reshape(lags, N).float().contiguous(), weight.float().contiguous(), gx, gw, N, T, C,
-        rows_per_program, LAGS=lags, LAGS_POW2=triton.next_power_of_2(lags), BLOCK_N=block_n, BLOCK_C=block_c,
-        num_warps=4)
-    return gx.view_as(g), gw.sum(0)
-
-
-class ShortConvFunction(torch.autograd.Function):
-    """short_causal_conv with a hand-written backward. Compiled from tensor ops, the backward is a pointwise kernel
-    for grad x and a reduction over every token for grad weight, each reading the activations again; one Triton
-    kernel reads g and x once for both. An attention layer's forward + backward on a 48 x 2048 micro-batch (H200):
-    6.23 ms without the convolution, 7.03 with the tensor-op backward, 6.96 with this one (logs/bench_mixers_v9.txt,
-    with Q, K and V all through it, before the kernel's block shape was tuned)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, masks: Tensor) -> Tensor:
-        ctx.save_for_backward(x, weight, masks)
-        return short_causal_conv_ops(x, weight, masks)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor, None]:
-        x, weight, masks = ctx.saved_tensors
-        gx, gw = short_conv_backward(g, x, masks, weight)
-        return gx, gw, None
-
-
-# Q and K are normalized and rotated right after their convolution, so on the GPU the three run as one kernel each
-# way. The backward recomputes the convolution and the norm instead of saving them: Q and K then get no pass over
-# memory of their own. A row's input gradient also takes the output gradients of the LAGS rows after it, so each
-# program computes a block's output gradient once, parks it in a small ring of its own in global memory (17 MB in
-# all at the competition shape, sized for L2) and finishes the block before it from there. Tokens per block (the
-# fastest on an H200 of 16/32/64 forward and 32/64 backward, logs/bench_mixers_v11.txt):
-CONV_NORM_ROTARY_BLOCK_T = 32
-CONV_NORM_ROTARY_BACKWARD_BLOCK_T = 64
-
-if triton is not None:
-    @triton.jit
-    def _conv_rows(x_ptr, m_ptr, w_ptr, rows, cols, N, T, C, LAGS: tl.constexpr):
-        """short_causal_conv at `rows` (a block, at any shift) and channels `cols`, in fp32."""
-        ok = rows < N
-        y = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        for lag in tl.static_range(1, LAGS + 1):
-            src_ok = ok & (rows % T >= lag)  # never into the previous sequence
-            w = tl.load(w_ptr + (lag - 1) * C + cols)
-            m = tl.load(m_ptr + (lag - 1) * N + rows, mask=src_ok, other=0.0)
-            xs = tl.load(x_ptr + (rows - lag)[:, None] * C + cols[None, :], mask=src_ok[:, None], other=0.0)
-            y += w[None, :] * m[:, None] * xs.to(tl.float32)
-        return y
-
-    @triton.jit
-    def _rotary_at(cos_ptr, sin_ptr, rows, N, T, D: tl.constexpr, HALF: tl.constexpr):
-        """Rotary.forward as out[d] = r[d] cos + sign[d] r[partner[d]] sin: each head dim's partner and sign, and the
-        cos and sin at each row's position (1 and 0 past the rotated dims)."""
-        d = tl.arange(0, D)
-        rotated = d < 2 * HALF
-        partner = tl.where(d < HALF, d + HALF, tl.where(rotated, d - HALF, d))
-        sign = tl.where(d < HALF, 1.0, -1.0)
-        offs = (rows % T)[:, None] * HALF + tl.where(d < HALF, d, d - HALF)[None, :]
-        in_range = (rows < N)[:, None] & rotated[None, :]
-        return (partner, sign, tl.load(cos_ptr + offs, mask=in_range, other=1.0),
-                tl.load(sin_ptr + offs, mask=in_range, other=0.0))
-
-    @triton.jit
-    def _conv_norm_rotary_forward_kernel(x_ptr, m_ptr, w_ptr, cos_ptr, sin_ptr, gain_ptr, out_ptr, rstd_ptr, N, T, H,
-                                         eps, LAGS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                                         BLOCK_T: tl.constexpr, HAS_GAIN: tl.constexpr):
-        pid, h = tl.program_id(0), tl.program_id(1)
-        rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = tl.arange(0, D)
-        partner, sign, c, s = _rotary_at(cos_ptr, sin_ptr, rows, N, T, D, HALF)
-        y = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + d, N, T, H * D, LAGS)
-        y_partner = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + partner, N, T, H * D, LAGS)
-        rstd = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / D + eps)
-        out = (y * c + sign[None, :] * y_partner * s) * rstd[:, None]
-        if HAS_GAIN:
-            out = out * tl.load(gain_ptr + h)
-        ok = rows < N
-        tl.store(out_ptr + rows[:, None] * H * D + (h * D + d)[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=ok[:, None])
-        tl.store(rstd_ptr + rows * H + h, rstd, mask=ok)
-
-    @triton.jit
-    def _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, rows, h, N, T, H, gain,
-                                 LAGS: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
-        """The gradient at the convolution's output for `rows`, and each row's (Rᵀ g_out) · r for the gain's."""
-        ok = rows < N
-        d = tl.arange(0, D)
-        partner, sign, c, s = _rotary_at(cos_ptr, sin_ptr, rows, N, T, D, HALF)
-        rstd = tl.load(rstd_ptr + rows * H + h, mask=ok, other=0.0)
-        r = _conv_rows(x_ptr, m_ptr, w_ptr, rows, h * D + d, N, T, H * D, LAGS) * rstd[:, None]
-        go = tl.load(go_ptr + rows[:, None] * H * D + (h * D + d)[None, :], mask=ok[:, None], other=0.0)
-        go_partner = tl.load(go_ptr + rows[:, None] * H * D + (h * D + partner)[None, :], mask=ok[:, None], other=0.0)
-        g_r = go.to(tl.float32) * c - sign[None, :] * go_partner.to(tl.float32) * s  # Rᵀ g_out
-        gain_dot = tl.sum(g_r * r, axis=1)
-        g_r = g_r * gain
-        return rstd[:, None] * (g_r - r * (tl.sum(g_r * r, axis=1) / D)[:, None]), gain_dot
-
-    @triton.jit
-    def _conv_norm_rotary_backward_kernel(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, gain_ptr, rstd_ptr, gx_ptr,
-                                          gw_ptr, gg_ptr, ring_ptr, N, T, H, rows_per_program, LAGS: tl.constexpr,
-                                          LAGS_POW2: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                                          BLOCK_T: tl.constexpr, HAS_GAIN: tl.constexpr):
-        """A program owns one head of rows_per_program rows: it writes their input gradient, and its partial
-        gradients of the taps [LAGS, D] and of the gain, which the caller sums. It runs one block behind: step j
-        computes block j's output gradient, parks it in the program's two-block ring, and finishes block j - 1's
-        input gradient from the ring (the last step reaches into the next program's rows for that)."""
-        tl.static_assert(LAGS <= BLOCK_T)  # a block's rows ahead lie in the ring's other half, never further
-        pid, h = tl.program_id(0), tl.program_id(1)
-        d = tl.arange(0, D)
-        cols = h * D + d
-        gain = tl.load(gain_ptr + h) if HAS_GAIN else 1.0
-        ring = ring_ptr + (pid * tl.num_programs(1) + h) * 2 * BLOCK_T * D
-        lag_idx = tl.arange(0, LAGS_POW2)
-        acc_w = tl.zeros([LAGS_POW2, D], dtype=tl.float32)
-        acc_gain = tl.zeros([BLOCK_T], dtype=tl.float32)
-        g_prev = tl.zeros([BLOCK_T, D], dtype=tl.float32)
-        first = pid * rows_per_program
-        last = first + rows_per_program
-        for r0 in range(first, last + BLOCK_T, BLOCK_T):
-            rows = r0 + tl.arange(0, BLOCK_T)
-            mine = (rows < N) & (rows < last)
-            g_y, gain_dot = _conv_norm_rotary_grad_y(x_ptr, m_ptr, w_ptr, go_ptr, cos_ptr, sin_ptr, rstd_ptr, rows, h,
-                                                     N, T, H, gain, LAGS, D, HALF)
-            if HAS_GAIN:  # (K has none)
-                acc_gain += tl.where(mine, gain_dot, 0.0)
-            for lag in tl.static_range(1, LAGS + 1):  # the taps: y[n] read x[n - lag]
-                ok = mine & (rows % T >= lag)
-                m = tl.load(m_ptr + (lag - 1) * N + rows, mask=ok, other=0.0)
-                x_behind = tl.load(x_ptr + (rows - lag)[:, None] * H * D + cols[None, :], mask=ok[:, None],
-                                   other=0.0)
-                partial = tl.sum(g_y * m[:, None] * x_behind.to(tl.float32), axis=0)
-                acc_w += tl.where(lag_idx[:, None] == lag - 1, partial[None, :], 0.0)
-            tl.store(ring + (rows % (2 * BLOCK_T))[:, None] * D + d[None, :], g_y)
-            tl.debug_barrier()  # every thread's rows are in the ring before any thread reads its neighbours'
-            prev_rows = rows - BLOCK_T
-            gx = g_prev
-            for lag in tl.static_range(1, LAGS + 1):  # y[n + lag] read x[n]
-                src = prev_rows + lag
-                ok = (src >= 0) & (src < N) & (src % T >= lag)
-                m = tl.load(m_ptr + (lag - 1) * N + src, mask=ok, other=0.0)
-                g_src = tl.load(ring + (src % (2 * BLOCK_T))[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-                gx += tl.load(w_ptr + (lag - 1) * H * D + cols)[None, :] * m[:, None] * g_src
-            tl.store(gx_ptr + prev_rows[:, None] * H * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty),
-                     mask=((prev_rows >= first) & (prev_rows < N))[:, None])
-            tl.debug_barrier()  # all reads of the ring are done before the next step overwrites its older block
-            g_prev = g_y
-        tl.store(gw_ptr + pid * LAGS * H * D + lag_idx[:, None] * H * D + cols[None, :], acc_w,
-                 mask=(lag_idx < LAGS)[:, None])
-        if HAS_GAIN:
-            tl.store(gg_ptr + pid * H + h, tl.sum(acc_gain, axis=0))
-
-
-class ConvNormRotary(torch.autograd.Function):
-    """conv_norm_rotary through the two Triton kernels above. Conv 3 on Q, K and V adds 2.5% to the competition
-    step (S786 on an H200: 673 vs 656 ms), conv 2 0.5%; P360 runs measured 2.9-4.2% and 1.9-2.0% (logs/README.md,
-    v11 and v12). In one attention layer (48 x 2048 tokens), the backward kernel takes 0.44 ms for Q and K;
-    recomputing the rows ahead once per lag took 0.57 (logs/bench_mixers_v11.txt)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, masks: Tensor, cos: Tensor, sin: Tensor,
-                gain: Tensor | None) -> Tensor:
-        B, T, H, D = x.shape
-        if T > cos.size(0):  # the kernels read the rotary tables unchecked
-            raise ValueError(f"sequence length {T} exceeds the rotary tables' {cos.size(0)} positions")
-        N, lags = B * T, weight.size(0)
-        x = x.contiguous()
-        m = masks.reshape(lags, N).float().contiguous()
-        w = weight.float().contiguous()
-        g = w if gain is None else gain.float().contiguous()  # without a gain, any pointer: the kernel reads none
-        out = torch.empty_like(x)
-        rstd = torch.empty(N, H, device=x.device, dtype=torch.float32)
-        block_t = CONV_NORM_ROTARY_BLOCK_T
-        _conv_norm_rotary_forward_kernel[(triton.cdiv(N, block_t), H)](
-            x, m, w, cos, sin, g, out, rstd, N, T, H, RMS_NORM_EPS, LAGS=lags, D=D, HALF=cos.size(1),
-            BLOCK_T=block_t, HAS_GAIN=gain is not None)
-        ctx.save_for_backward(x, m, w, cos, sin, g, rstd)
-        ctx.has_gain = gain is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, go: Tensor) -> tuple[Tensor, Tensor, None, None, None, Tensor | None]:
-        x, m, w, cos, sin, g, rstd = ctx.saved_tensors
-        B, T, H, D = x.shape
-        N, lags, block_t = B * T, w.size(0), CONV_NORM_ROTARY_BACKWARD_BLOCK_T
-        programs, rows_per_program = backward_programs(N, H, block_t, x.device)
-        gx = torch.empty_like(x)
-        gw = torch.empty(programs, lags, H * D, device=x.device, dtype=torch.float32)
-        gg = torch.empty(programs, H, device=x.device, dtype=torch.float32)
-        ring = torch.empty(programs, H, 2 * block_t, D, device=x.device, dtype=torch.float32)
-        _conv_norm_rotary_backward_kernel[(programs, H)](
-            x, m, w, go.contiguous(), cos, sin, g, rstd, gx, gw, gg, ring, N, T, H, rows_per_program, LAGS=lags,
-            LAGS_POW2=triton.next_power_of_2(lags), D=D, HALF=cos.size(1), BLOCK_T=block_t, HAS_GAIN=ctx.has_gain)
-        return gx, gw.sum(0), None, None, None, gg.sum(0) if ctx.has_gain else None
-
-
-def conv_norm_rotary(x: Tensor, weight: Tensor, masks: Tensor, rotary: Rotary, gain: Tensor | None) -> Tensor:
-    """rotary(rms_norm(short_causal_conv(x))), times the per-head gain if given, for x [B, T, H, D]."""
-    B, T, H, D = x.shape
-    if triton_kernels_for(x) and D & (D - 1) == 0:  # (Triton blocks are powers of two)
-        return ConvNormRotary.apply(x, weight, masks, rotary.cos, rotary.sin, gain)
-    y = rotary(rms_norm(short_causal_conv_ops(x.reshape(B, T, H * D), weight, masks).view(B, T, H, D)))
-    return y if gain is None else y * gain.to(x.dtype)[:, None]
-
-
 class CausalSelfAttention(nn.Module):
-    """GQA attention with partial RoPE, q/k RMSNorm and a learned q gain; optionally XSA, and (QKV_CONV_SIZE > 1)
-    a short causal convolution on Q, K and V after their projections (Primer; Canon "B"; #966: k=3, -0.0067 bpb)."""
+    """GQA attention with partial RoPE, q/k RMSNorm and a learned q gain; optionally XSA."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
-                 qk_gain_init: float, use_xsa: bool, max_len: int, conv_size: int = 0):
+                 qk_gain_init: float, use_xsa: bool, max_len: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
@@ -900,25 +764,14 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.rotary = Rotary(rope_dims, rope_base, max_len)
         self.use_xsa = use_xsa
-        # taps for lags 1..conv_size-1 of every Q, K and V channel; zero: the layer starts as plain attention
-        self.qkv_conv = nn.Parameter(torch.zeros(conv_size - 1, dim + 2 * kv_dim)) if conv_size > 1 else None
 
-    def forward(self, x: Tensor, value_embed: Tensor | None = None, conv_masks: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         B, T, dim = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x)
-        if self.qkv_conv is None:
-            q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
-            k = self.rotary(rms_norm(k))
-        else:
-            kv_dim = v.size(-1)
-            q = conv_norm_rotary(q, self.qkv_conv[:, :dim], conv_masks, self.rotary, self.q_gain)
-            k = conv_norm_rotary(k, self.qkv_conv[:, dim:dim + kv_dim], conv_masks, self.rotary, None)
-            v = short_causal_conv(v, self.qkv_conv[:, dim + kv_dim:], conv_masks)
-        if value_embed is not None:
-            v = v + value_embed
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(x.dtype)[:, None]
+        k = self.rotary(rms_norm(k))
         y = causal_attention(q, k, v)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
@@ -965,29 +818,33 @@ def fft_causal_conv(u: Tensor, kernel: Tensor) -> Tensor:
     return torch.fft.irfft(u_f * k_f, n=n, dim=-1)[..., :T].to(u.dtype)
 
 
+# Initial S4D step sizes (log-uniform, as in S4D) and FIR decay rates (log-spaced over channels).
+S4D_DT_RANGE = (1e-3, 1e-1)
+FIR_RATE_RANGE = (0.05, 2.0)
+
+
 class S4DLinMixer(nn.Module):
     """Gated causal depthwise long convolution: out_proj(sigmoid(gate) * (kernel * u)), [gate, u] = in_proj(x).
 
-    kernel="fir": SSM_KERNEL_SIZE free taps per channel, initialised as exp(-r * lag) normalised to sum 1, with
+    kernel="fir": `kernel_size` free taps per channel, initialised as exp(-r * lag) normalised to sum 1, with
     rates r log-spaced across channels (fast channels see the last few tokens, slow ones tens of tokens).
     kernel="s4d": the S4D-Lin kernel K[l] = 2 Re(sum_n C~_n exp(dt A_n l)) with A_n = -1/2 + i pi n, zero-order
     hold (C~ = C (exp(dt A) - 1) / A) and learned log step sizes: damped oscillations as long as the sequence,
     applied with an FFT. Complex arithmetic is written out in real tensors so torch.compile can fuse it.
     The output projection starts at zero, so a new mixer leaves the residual stream untouched."""
 
-    def __init__(self, dim: int, kernel_kind: str, kernel_size: int, state_dim: int, dt_range: tuple[float, float],
-                 rate_range: tuple[float, float]):
+    def __init__(self, dim: int, kernel_kind: str, kernel_size: int, state_dim: int):
         super().__init__()
         self.kernel_kind = kernel_kind
         self.in_proj = CastedLinear(dim, 2 * dim)
         self.out_proj = CastedLinear(dim, dim, zero_init=True)
         if kernel_kind == "fir":
-            rates = torch.logspace(math.log10(rate_range[0]), math.log10(rate_range[1]), dim)
+            rates = torch.logspace(math.log10(FIR_RATE_RANGE[0]), math.log10(FIR_RATE_RANGE[1]), dim)
             taps = torch.exp(-rates[:, None] * torch.arange(kernel_size, dtype=torch.float32)[None, :])
             self.kernel_taps = nn.Parameter(taps / taps.sum(dim=1, keepdim=True))
         else:
             modes = state_dim // 2
-            log_dt = torch.empty(dim).uniform_(math.log(dt_range[0]), math.log(dt_range[1]))
+            log_dt = torch.empty(dim).uniform_(math.log(S4D_DT_RANGE[0]), math.log(S4D_DT_RANGE[1]))
             self.log_dt = nn.Parameter(log_dt)
             self.log_a_real = nn.Parameter(torch.full((dim, modes), math.log(0.5)))
             self.a_imag = nn.Parameter(math.pi * torch.arange(modes, dtype=torch.float32).repeat(dim, 1))
@@ -1025,6 +882,7 @@ class S4DLinMixer(nn.Module):
         return self.out_proj((torch.sigmoid(gate) * y).permute(1, 2, 0))
 
 
+
 class Block(nn.Module):
     """Pre-norm residual block. Its sequence mixer is attention, an S4D mixer ("replace"), or both summed through
     a learned per-channel gate ("parallel"); then a LeakyReLU^2 MLP. x0 (the embedding) is mixed back in."""
@@ -1034,51 +892,26 @@ class Block(nn.Module):
         super().__init__()
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1)
         self.attn = CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.rope_dims, args.rope_base,
-                                        args.qk_gain_init, use_xsa, max_len, args.qkv_conv_size) \
-            if use_attention else None
-        self.ssm = S4DLinMixer(dim, args.ssm_kernel, args.ssm_kernel_size, args.ssm_state_dim,
-                               (args.ssm_dt_min, args.ssm_dt_max),
-                               (args.ssm_rate_min, args.ssm_rate_max)) if use_ssm else None
+                                        args.qk_gain_init, use_xsa, max_len) if use_attention else None
+        self.ssm = S4DLinMixer(dim, args.ssm_kernel, args.ssm_kernel_size, args.ssm_state_dim) if use_ssm else None
         self.ssm_gate = nn.Parameter(torch.zeros(dim)) if use_attention and use_ssm else None
         self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_leaky_slope)
         self.mix_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None, conv_masks: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x) * self.ln_scale
         if self.attn is not None and self.ssm is not None:
-            mixed = self.attn(h, value_embed, conv_masks) + torch.sigmoid(self.ssm_gate).to(x.dtype) * self.ssm(h)
+            mixed = self.attn(h) + torch.sigmoid(self.ssm_gate).to(x.dtype) * self.ssm(h)
         elif self.attn is not None:
-            mixed = self.attn(h, value_embed, conv_masks)
+            mixed = self.attn(h)
         else:
             mixed = self.ssm(h)
         x = x + self.mix_scale.to(x.dtype) * mixed
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
-
-
-class BigramHashEmbedding(nn.Module):
-    """Embedding of a hash of (previous token, token). A BOS token or the first position uses a reserved bucket,
-    so nothing crosses a document boundary."""
-
-    def __init__(self, buckets: int, bigram_dim: int, model_dim: int, bos_id: int):
-        super().__init__()
-        self.buckets, self.bos_id = buckets, bos_id
-        self.embed = nn.Embedding(buckets, bigram_dim)
-        self.proj = CastedLinear(bigram_dim, model_dim, zero_init=True)
-        self.scale = nn.Parameter(torch.tensor(0.05))
-
-    def bucket_ids(self, ids: Tensor) -> Tensor:
-        prev = F.pad(ids[:, :-1], (1, 0))
-        hashed = torch.bitwise_xor(36313 * ids, 27191 * prev) % (self.buckets - 1)
-        first = torch.zeros_like(ids, dtype=torch.bool)
-        first[:, 0] = True
-        return torch.where(first | (ids == self.bos_id), self.buckets - 1, hashed)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.proj(self.embed(self.bucket_ids(ids))) * self.scale.to(self.embed.weight.dtype)
 
 
 class SmearGate(nn.Module):
@@ -1097,16 +930,18 @@ class SmearGate(nn.Module):
         return x + torch.sigmoid(self.gate).to(x.dtype) * allowed * (prev - x)
 
 
+
+TIED_EMBED_INIT_STD = 0.005
+
+
 class GPT(nn.Module):
     def __init__(self, args: Hyperparameters, bos_id: int = 1):
         super().__init__()
         dim, n = args.model_dim, args.num_layers
         max_len = max(args.train_seq_len, args.eval_seq_len)
-        self.logit_softcap, self.bos_id, self.conv_size = args.logit_softcap, bos_id, args.qkv_conv_size
+        self.logit_softcap, self.bos_id = args.logit_softcap, bos_id
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
-        self.bigram = BigramHashEmbedding(args.bigram_vocab_size, args.bigram_dim, dim, bos_id) \
-            if args.bigram_vocab_size >= 2 else None
-        self.smear = SmearGate(dim, bos_id) if args.smear_gate else None
+        self.smear = SmearGate(dim, bos_id)
         ssm_layers = set(args.ssm_layers)
         attention_layers = [i for i in range(n) if i not in ssm_layers or args.ssm_mode == "parallel"]
         xsa_layers = set(attention_layers[max(0, len(attention_layers) - args.xsa_last_n):])
@@ -1116,41 +951,19 @@ class GPT(nn.Module):
         # U-Net: the first half pushes its outputs, the second half adds them back in reverse order.
         self.num_encoder = n // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, n - self.num_encoder), dim))
-        # Value embeddings: one shared table, added to V in the listed layers with a learned scale per layer.
-        self.ve_layers = {layer: i for i, layer in enumerate(sorted(args.ve_layers))}
-        if self.ve_layers:
-            kv_dim = args.num_kv_heads * (dim // args.num_heads)
-            self.ve_table = nn.Embedding(args.vocab_size, args.ve_dim)
-            self.ve_proj = CastedLinear(args.ve_dim, kv_dim, zero_init=True)
-            self.ve_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
-        self._init_weights(args.tied_embed_init_std)
-
-    def _init_weights(self, embed_std: float) -> None:
-        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
         for module in self.modules():
             if isinstance(module, CastedLinear) and not module.zero_init:
                 nn.init.orthogonal_(module.weight)
-        if self.bigram is not None:
-            nn.init.normal_(self.bigram.embed.weight, std=0.02)
-        if self.ve_layers:
-            nn.init.normal_(self.ve_table.weight, std=0.02)
 
     def hidden(self, ids: Tensor) -> Tensor:
-        x = self.tok_emb(ids)
-        if self.bigram is not None:
-            x = x + self.bigram(ids)
-        x = rms_norm(x)
-        if self.smear is not None:
-            x = self.smear(x, ids)
+        x = self.smear(rms_norm(self.tok_emb(ids)), ids)
         x0 = x
-        ve = self.ve_proj(self.ve_table(ids)) if self.ve_layers else None
-        masks = same_document_masks(ids, self.bos_id, self.conv_size - 1) if self.conv_size > 1 else None
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             if i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            slot = self.ve_layers.get(i)
-            x = block(x, x0, None if slot is None else ve * self.ve_scales[slot].to(x.dtype), masks)
+            x = block(x, x0)
             if i < self.num_encoder:
                 skips.append(x)
         return rms_norm(x)
@@ -1176,41 +989,69 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
 
-def kernel_report(model: GPT, length: int) -> list[str]:
-    """Per S4D layer: how many channels kept a monotone decay, grew one negative lobe, or oscillate, and the lag
-    holding 90% of each channel's kernel mass (the effective memory length)."""
-    lines = []
-    for i, block in enumerate(model.blocks):
-        if block.ssm is None:
-            continue
-        with torch.no_grad():
-            k = block.ssm.kernel(length).float().cpu()
-        mag = k.abs()
-        peak = mag.max(dim=1, keepdim=True).values.clamp_min(1e-12)
-        significant = mag > 0.01 * peak
-        signs = torch.where(significant, torch.sign(k), torch.zeros_like(k))
-        flips = torch.zeros(k.size(0), dtype=torch.long)
-        for c in range(k.size(0)):
-            s = signs[c][signs[c] != 0]
-            flips[c] = int((s[1:] != s[:-1]).sum()) if s.numel() > 1 else 0
-        non_increasing = (mag[:, 1:] <= mag[:, :-1] + 1e-3 * peak).all(dim=1)
-        monotone = (flips == 0) & non_increasing
-        one_lobe = flips == 1
-        oscillating = flips >= 2
-        other = ~(monotone | one_lobe | oscillating)
-        cum = mag.cumsum(dim=1) / mag.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        memory = (cum < 0.9).sum(dim=1).float() + 1
-        q = torch.quantile(memory, torch.tensor([0.1, 0.5, 0.9]))
-        lines.append(
-            f"kernel_report layer:{i} kind:{block.ssm.kernel_kind} channels:{k.size(0)} monotone:{int(monotone.sum())} "
-            f"negative_lobe:{int(one_lobe.sum())} oscillating:{int(oscillating.sum())} other:{int(other.sum())} "
-            f"memory90_p10:{q[0]:.0f} memory90_p50:{q[1]:.0f} memory90_p90:{q[2]:.0f}")
-    return lines
+
+
+def configure_inductor() -> str:
+    """Compiler settings for this model; returns the line that records them in the log.
+    Inductor's mix-order reduction fuses an RMSNorm backward with the per-channel gradient sums (resid_mix, the mixer
+    and MLP scales) of several blocks into one kernel. PyTorch 2.11 puts no cap on that kernel's loads and builds
+    ones that spill registers: at the competition shape three of them took 113 of a step's 711 ms on an H200.
+    Later releases cap the loads; untested there, so the fusion is off everywhere unless
+    TORCHINDUCTOR_MIX_ORDER_REDUCTION is set."""
+    triton_config = torch._inductor.config.triton
+    if not hasattr(triton_config, "mix_order_reduction"):
+        return "inductor: mix_order_reduction:absent"
+    if "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ:
+        triton_config.mix_order_reduction = False
+    return f"inductor: mix_order_reduction:{triton_config.mix_order_reduction}"
+
+
+def check_cpu_memory(args: Hyperparameters, num_params: int, micro_tokens: int, have: int | None = None) -> None:
+    """Without CUDA the model trains in fp32 on the CPU. Estimate its memory (weights, gradients and optimizer
+    state, and the activations of one micro-batch) and stop with the way out if it cannot fit in `have` bytes
+    (this machine's memory by default)."""
+    hidden = int(args.mlp_mult * args.model_dim)
+    activations = 4 * micro_tokens * (args.num_layers * (12 * args.model_dim + 3 * hidden) + 3 * args.vocab_size)
+    need = 20 * num_params + activations  # fp32 weights, gradients, two optimizer moments, the EMA
+    have = have or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.8 * have:
+        raise ValueError(
+            f"no CUDA device: this model ({num_params / 1e6:.1f}M parameters, {micro_tokens} tokens per micro-batch) "
+            f"would need about {need / 2**30:.0f} GiB on the CPU, and this machine has {have / 2**30:.0f} GiB. Run the "
+            f"CPU demo (python3 scripts/demo.py), or shrink the model and batch (for example NUM_LAYERS=4 "
+            f"MODEL_DIM=128 TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096)")
+
+
+def build_model(args: Hyperparameters, bos_id: int, place: Place, log: RunLog, training: bool) -> tuple[GPT, object]:
+    """The network, and the (compiled) per-token loss that every evaluation uses. Without CUDA, a model to train
+    is first checked to fit in memory."""
+    with torch.device("meta"):  # the shape alone: nothing is allocated or initialised
+        num_params = sum(p.numel() for p in GPT(args, bos_id=bos_id).parameters())
+    if training and not place.cuda:
+        check_cpu_memory(args, num_params, args.batch_layout(place.world_size)[1] * args.train_seq_len)
+        log(f"note: no CUDA device: training {num_params / 1e6:.1f}M parameters on the CPU")
+    model = GPT(args, bos_id=bos_id).to(place.device)
+    compile_on = place.cuda and args.compile
+    if compile_on:
+        log(configure_inductor())
+    token_losses = (torch.compile(model.token_losses, dynamic=False, fullgraph=True) if compile_on
+                    else model.token_losses)
+    attention_kind = "flash_attn_3" if fa3_attention is not None and place.cuda else "sdpa"
+    xsa_layers = [i for i, b in enumerate(model.blocks) if b.attn is not None and b.attn.use_xsa]
+    log(f"model_params:{num_params} attention:{attention_kind} ssm_layers:{env_string(args.ssm_layers) or 'none'} "
+        f"ssm_mode:{args.ssm_mode} ssm_kernel:{args.ssm_kernel} xsa_layers:{env_string(tuple(xsa_layers)) or 'none'}")
+    grad_accum, micro_seqs = args.batch_layout(place.world_size)
+    log(f"world_size:{place.world_size} grad_accum_steps:{grad_accum} micro_batch_seqs:{micro_seqs} "
+        f"compile:{compile_on}")
+    return model, token_losses
 
 
 # -----------------------------
 # OPTIMIZERS
 # -----------------------------
+
+
+MUON_BACKEND_STEPS = 5  # Newton-Schulz iterations per update
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
@@ -1281,20 +1122,20 @@ def split_parameters(model: GPT) -> tuple[list[Tensor], list[Tensor], list[Tenso
     return matrices, embeddings, scalars
 
 
+ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-8
+# Muon's momentum rises linearly from this value over this share of the run, as the records' warm-up does.
+MUON_MOMENTUM_WARMUP = (0.92, 0.2)
+
+
 def build_optimizers(model: GPT, args: Hyperparameters, orthogonalize=None, rank: int = 0,
                      world_size: int = 1) -> list[torch.optim.Optimizer]:
     matrices, embeddings, scalars = split_parameters(model)
-    fused = next(model.parameters()).is_cuda
-    adam = dict(betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)
-    kernels = {id(p) for m in model.modules() if isinstance(m, S4DLinMixer)
-               for name, p in m.named_parameters() if not name.startswith(("in_proj.", "out_proj."))}
-    scalar_groups = [{"params": [p for p in scalars if id(p) not in kernels], "lr": args.scalar_lr},
-                     {"params": [p for p in scalars if id(p) in kernels], "lr": args.ssm_lr}]
+    adam = dict(betas=ADAM_BETAS, eps=ADAM_EPS, fused=next(model.parameters()).is_cuda)
     optimizers = [
-        Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_wd, orthogonalize,
-             rank, world_size),
+        Muon(matrices, args.matrix_lr, args.muon_momentum, MUON_BACKEND_STEPS, args.muon_wd, orthogonalize, rank,
+             world_size),
         torch.optim.AdamW(embeddings, lr=args.tied_embed_lr, weight_decay=args.adam_wd, **adam),
-        torch.optim.AdamW([g for g in scalar_groups if g["params"]], weight_decay=0.0, **adam),
+        torch.optim.AdamW(scalars, lr=args.scalar_lr, weight_decay=0.0, **adam),
     ]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -1310,11 +1151,8 @@ def lr_multiplier(progress: float, args: Hyperparameters) -> float:
 
 
 def muon_momentum_at(progress: float, args: Hyperparameters) -> float:
-    if args.muon_momentum_warmup_frac <= 0:
-        return args.muon_momentum
-    t = min(progress / args.muon_momentum_warmup_frac, 1.0)
-    return args.muon_momentum_warmup_start + t * (args.muon_momentum - args.muon_momentum_warmup_start)
-
+    start, frac = MUON_MOMENTUM_WARMUP
+    return start + min(progress / frac, 1.0) * (args.muon_momentum - start)
 
 class ExponentialMovingAverage:
     """EMA of the weights whose horizon is a fraction of the (estimated) run, so short and long runs average
@@ -1339,6 +1177,148 @@ class ExponentialMovingAverage:
         torch._foreach_copy_(self.params, self.shadow)
 
 
+
+
+# -----------------------------
+# TRAINING
+# -----------------------------
+
+
+def make_train_step(model: nn.Module, base_model: GPT, optimizers: list[torch.optim.Optimizer], args: Hyperparameters,
+                    place: Place):
+    """One optimizer step over the global batch (grad_accum micro-batches): schedules, backward, clip, update.
+    Returns the mean training loss of the step (this rank's share)."""
+    grad_accum, micro_seqs = args.batch_layout(place.world_size)
+
+    def train_step(loader: DistributedTokenLoader, progress: float) -> Tensor:
+        mult = lr_multiplier(progress, args)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * mult
+        for group in optimizers[0].param_groups:
+            group["momentum"] = muon_momentum_at(progress, args)
+        loss_sum = torch.zeros((), device=place.device)
+        for micro in range(grad_accum):
+            x, y = loader.next_batch(micro_seqs, args.train_seq_len)
+            if place.distributed:
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            with torch.autocast(place.device.type, dtype=torch.bfloat16, enabled=place.cuda):
+                loss = model(x, y)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss_sum / grad_accum
+
+    return train_step
+
+
+def warm_up(train_step, base_model: GPT, optimizers: list[torch.optim.Optimizer], new_loader, steps: int,
+            log) -> DistributedTokenLoader:
+    """COMPILE PRIMING: `steps` real training steps compile and warm every kernel; then the initial weights,
+    optimizer state and data position are restored, so the timed run starts from scratch. Returns a fresh loader."""
+    if steps:
+        initial_model = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+        initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        loader = new_loader()
+        for i in range(steps):
+            train_step(loader, 0.0)
+            if i + 1 in (1, steps) or (i + 1) % 10 == 0:
+                log(f"warmup_step:{i + 1}/{steps}")
+        base_model.load_state_dict(initial_model)
+        for opt, saved in zip(optimizers, initial_optimizers):
+            opt.load_state_dict(saved)
+    return new_loader()
+
+
+
+def train_model(base_model: GPT, args: Hyperparameters, place: Place, train_files: list[str], log: RunLog,
+                launch: float, validate) -> tuple[DistributedTokenLoader, dict]:
+    """TRAINING: warm-up, then steps until ITERATIONS or the wall clock (MAX_WALLCLOCK_SECONDS less
+    GPTQ_RESERVE_SECONDS, kept for calibration) runs out; `validate()` gives (val_loss, val_bpb) every
+    VAL_LOSS_EVERY steps, off the clock. The model ends holding the EMA weights, the ones exported. Returns the
+    loader (calibration reads the next unseen training tokens) and the training facts."""
+    compile_on = place.cuda and args.compile
+    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if compile_on else base_model
+    model = (DDP(compiled, device_ids=[place.device.index] if place.cuda else None, broadcast_buffers=False)
+             if place.distributed else compiled)
+    orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_on else None
+    optimizers = build_optimizers(base_model, args, orthogonalize, place.rank, place.world_size)
+    train_step = make_train_step(model, base_model, optimizers, args, place)
+
+    def new_loader() -> DistributedTokenLoader:
+        return DistributedTokenLoader(train_files, args.vocab_size, place.rank, place.world_size, place.device)
+
+    loader = warm_up(train_step, base_model, optimizers, new_loader, args.warmup_steps, log)
+    # The clock counts training steps only (not validation); GPTQ_RESERVE_SECONDS of the budget are kept for
+    # calibration, which also reads training data.
+    budget_ms = 1000 * (args.max_wallclock_seconds - args.gptq_reserve_seconds) if args.max_wallclock_seconds else 0
+    ema = ExponentialMovingAverage(base_model, args.ema_horizon_frac)
+    training_ms, elapsed_ms, step, stop_after_step = 0.0, 0.0, 0, None
+    sync(place)
+    log(f"time_to_first_step:{time.perf_counter() - launch:.1f}s (setup, compile and warm-up)")
+    t0 = time.perf_counter()
+    while True:
+        last_step = step == args.iterations or (stop_after_step is not None and step >= stop_after_step)
+        if args.val_loss_every and step > 0 and (last_step or step % args.val_loss_every == 0):
+            sync(place)
+            training_ms += 1000 * (time.perf_counter() - t0)
+            loss, bpb = validate()
+            log(f"step:{step}/{args.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
+                f"train_time:{training_ms:.0f}ms step_avg:{training_ms / step:.2f}ms")
+            sync(place)
+            t0 = time.perf_counter()
+        if last_step:
+            break
+        progress = max(step / args.iterations, elapsed_ms / budget_ms if budget_ms else 0.0)
+        train_loss = train_step(loader, min(progress, 1.0))
+        step += 1
+        ema.update(step, max(progress, 1e-9))
+        elapsed_ms = training_ms + 1000 * (time.perf_counter() - t0)
+        if budget_ms and place.distributed:  # every rank must follow the same schedule, or the replicas drift apart
+            shared = torch.tensor(elapsed_ms, device=place.device, dtype=torch.float64)
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            elapsed_ms = shared.item()
+        if budget_ms and stop_after_step is None and elapsed_ms >= budget_ms:
+            stop_after_step = step
+        if step <= 10 or step % args.train_log_every == 0 or step in (args.iterations, stop_after_step):
+            if place.distributed:  # the global batch's mean, so logs of 1 and 8 GPUs compare line by line
+                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+            log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
+                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
+    sync(place)
+    training_ms += 1000 * (time.perf_counter() - t0)
+    if stop_after_step is not None:
+        log(f"stopping_early: wallclock_cap train_time:{training_ms:.0f}ms step:{step}/{args.iterations}")
+    tokens_per_s = step * args.train_batch_tokens / (training_ms / 1000)
+    log(f"train_summary steps:{step} train_time:{training_ms:.0f}ms step_avg:{training_ms / step:.2f}ms "
+        f"tokens_per_s:{tokens_per_s:.0f}")
+    if place.cuda:
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    ema.copy_to_model()
+    if place.distributed:
+        check_replicas(base_model, log)
+    return loader, {"steps": step, "step_avg_ms": training_ms / step, "train_time_ms": training_ms, "ema": True,
+                    "tokens_per_s": tokens_per_s, "max_wallclock_seconds": args.max_wallclock_seconds}
+
+
+def check_replicas(model: nn.Module, log: RunLog) -> None:
+    """Every replica must hold the same weights: a drift would mean rank 0 exports an outlier."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    magnitudes = torch.stack([p.detach().double().abs().sum() for p in model.parameters()])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    in_sync = bool(torch.equal(low, high))
+    spread = ((high - low) / magnitudes.clamp_min(1e-30)).max().item()  # relative to each tensor's L1 norm
+    log(f"replicas_in_sync:{in_sync} max_relative_spread:{spread:.3g}"
+        + ("" if in_sync else " WARNING: the ranks' weights differ"))
+
+
 # -----------------------------
 # CALIBRATION, QUANTIZATION (GPTQ), BIT ALLOCATION AND THE ARTIFACT
 # -----------------------------
@@ -1348,38 +1328,29 @@ class ExponentialMovingAverage:
 # Fisher), so the errors of different tensors are in one unit, loss, and bytes can go where they buy the most.
 # - Matrices: GPTQ (act-order, blocked error feedback, per-row fp16 scales from a clip search). Rows are solved
 #   independently, so one solve quantizes every matrix reading the same input (Q, K, V) at every candidate width.
-# - The tied embedding is solved as the output head (with the final hidden states' H); lookup tables (bigram,
-#   value embeddings) are rounded per row, rows weighted by how often calibration read them.
+# - The tied embedding is solved as the output head (with the final hidden states' H); its error also reaches the
+#   loss through each row's lookups, weighted by how often calibration read the row.
 # - LQER (LQER_RANK): for each GPTQ matrix at each width, the rank-r correction A B of its error that minimises the
 #   same loss (a truncated SVD in the metric of f and H; for the tied embedding, of its output-head term), stored as
 #   int8 factors: one more candidate per width, priced by the full loss like the others.
 # - Each quantized tensor is compressed on its own, so the exact size of every tensor at every width is known
 #   before the widths are chosen (choose_widths), and the artifact's total is exact.
 
-ARTIFACT_MAGIC = b"S4DXSA4\n"
+ARTIFACT_MAGIC = b"S4DXSA5\n"
 # Knobs an artifact or checkpoint fixes: evaluating it rebuilds the model from these, whatever the environment says.
 MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
-              "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N", "BIGRAM_VOCAB_SIZE",
-              "BIGRAM_DIM", "VE_LAYERS", "VE_DIM", "SMEAR_GATE", "QKV_CONV_SIZE", "SSM_LAYERS", "SSM_MODE",
+              "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N", "SSM_LAYERS", "SSM_MODE",
               "SSM_KERNEL", "SSM_KERNEL_SIZE", "SSM_STATE_DIM")
-CHECKPOINT_FORMAT = "s4d_xsa_checkpoint_v1"
+CHECKPOINT_FORMAT = "s4d_xsa_checkpoint_v2"
 GPTQ_CALIB_MICRO_SEQS = 8  # calibration runs eager forward and backward passes: small batches keep memory low
+GPTQ_BLOCK_SIZE, GPTQ_DAMP = 128, 0.01  # columns per error-feedback block; damping, a share of mean(diag H)
 # Clip levels (fractions of a row's max) searched for each row's scale. A finer clip costs bits after compression,
-# so GPTQ matrices search only coarse clips; GPTQ's error feedback absorbs most of the extra rounding error.
-CLIP_FRACTIONS_FINE = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
-CLIP_FRACTIONS_COARSE = (1.0, 0.95, 0.9)
+# and GPTQ's error feedback absorbs most of the extra rounding error of a coarse one.
+CLIP_FRACTIONS = (1.0, 0.95, 0.9)
 # LZMA2 with a cheap match finder: quantized weights are nearly i.i.d. symbols, so long-match search is wasted
 # time; measured on int5 data this codes ~2% smaller than preset 9 and ~8x faster. Raw streams: no container bytes.
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9, "mode": lzma.MODE_NORMAL, "mf": lzma.MF_BT2, "nice_len": 8,
                  "depth": 1}]
-
-
-def env_string(value: object) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, tuple):
-        return ",".join(str(v) for v in value)
-    return str(value)
 
 
 def gptq_groups(model: GPT) -> list[list[str]]:
@@ -1391,11 +1362,6 @@ def gptq_groups(model: GPT) -> list[list[str]]:
         elif isinstance(module, CastedLinear) and not name.endswith((".c_q", ".c_k", ".c_v")):
             groups.append([name])
     return groups
-
-
-def lookup_tables(model: GPT) -> list[str]:
-    """Embedding tables read by lookup only (the tied embedding is also the output head, handled as a matrix)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Embedding) and name != "tok_emb"]
 
 
 def collect_calibration(model: GPT, batches, device: torch.device, use_autocast: bool) -> dict:
@@ -1455,28 +1421,20 @@ def reduce_calibration(stats: dict) -> None:
     stats["tokens"] = int(tokens.item())
 
 
-def choose_row_scales(w: Tensor, qmax: Tensor, column_weight: Tensor | None = None,
-                      fractions: tuple[float, ...] = CLIP_FRACTIONS_FINE) -> Tensor:
-    """Per-row scale (fp16-representable) minimising the (column-weighted) rounding error over clip levels;
+def choose_row_scales(w: Tensor, qmax: Tensor, column_weight: Tensor) -> Tensor:
+    """Per-row scale (fp16-representable) minimising the column-weighted rounding error over the clip levels;
     qmax [rows] is each row's largest level."""
     absmax = w.abs().amax(dim=1).clamp_min(1e-8)
-    cw = torch.ones(w.size(1), device=w.device) if column_weight is None else column_weight
+    cw = column_weight
     best_err = torch.full_like(absmax, float("inf"))
     best = absmax / qmax
-    for frac in fractions:
+    for frac in CLIP_FRACTIONS:
         scale = (absmax * frac / qmax).half().float().clamp_min(1e-8)
         q = (w / scale[:, None]).round().clamp(-qmax[:, None], qmax[:, None])
         err = ((w - q * scale[:, None]).square() * cw).sum(dim=1)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
     return best.half().float()
-
-
-def quantize_rtn(w: Tensor, qmax: Tensor, column_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-row round-to-nearest with a clip search: (int8 values, fp16 scales)."""
-    w = w.float()
-    scale = choose_row_scales(w, qmax, column_weight)
-    return (w / scale[:, None]).round().clamp(-qmax[:, None], qmax[:, None]).to(torch.int8), scale.half()
 
 
 def damped_cholesky(H: Tensor, damp: float) -> Tensor:
@@ -1490,7 +1448,8 @@ def damped_cholesky(H: Tensor, damp: float) -> Tensor:
     raise RuntimeError("GPTQ: the calibration Hessian stayed singular after damping")
 
 
-def gptq_quantize(w: Tensor, hessian: Tensor, qmax: Tensor, block_size: int, damp: float) -> tuple[Tensor, Tensor]:
+def gptq_quantize(w: Tensor, hessian: Tensor, qmax: Tensor, block_size: int = GPTQ_BLOCK_SIZE,
+                  damp: float = GPTQ_DAMP) -> tuple[Tensor, Tensor]:
     """GPTQ of w [rows, cols] given the input Hessian [cols, cols], row r on the grid -qmax[r]..qmax[r]:
     (int8 values, fp16 per-row scales)."""
     w, H = w.float().clone(), hessian.float().clone()
@@ -1499,7 +1458,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, qmax: Tensor, block_size: int, dam
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     w[:, dead] = 0.0
-    scale = choose_row_scales(w, qmax[:, 0], H.diagonal(), CLIP_FRACTIONS_COARSE)
+    scale = choose_row_scales(w, qmax[:, 0], H.diagonal())
     perm = torch.argsort(H.diagonal(), descending=True)  # act-order: the most active inputs first
     w, H = w[:, perm], H[perm][:, perm]
     L = damped_cholesky(H, damp)
@@ -1548,9 +1507,9 @@ def encode_quantized(*tensors: Tensor) -> bytes:
                          filters=LZMA_FILTERS)
 
 
-def passthrough_dtype(t: Tensor, fp16: bool) -> torch.dtype:
+def passthrough_dtype(t: Tensor) -> torch.dtype:
     """fp16 where the round trip changes no value by more than 1e-3 of the tensor's largest; fp32 otherwise."""
-    if not fp16 or not t.is_floating_point() or not t.numel():
+    if not t.is_floating_point() or not t.numel():
         return t.dtype
     t = t.float()
     scale = t.abs().max().clamp_min(1e-30)
@@ -1576,69 +1535,44 @@ class QuantCandidate:
 
 def quantize_candidates(state: dict[str, Tensor], model: GPT, stats: dict, args: Hyperparameters,
                         device: torch.device) -> dict[str, list[QuantCandidate]]:
-    """Every quantized tensor at every width it may take, with and without an LQER correction, each with its
-    predicted loss."""
+    """Every quantized tensor (each matrix, and the tied embedding as the output head) at every width it may take,
+    with and without an LQER correction, each with its predicted loss."""
     n = max(stats["tokens"], 1)
     energy = {k: v.to(device).double() / n for k, v in stats["grad_energy"].items()}
     counts = {k: v.to(device).double() / n for k, v in stats["counts"].items()}
+    uniform = args.quant_uniform_bits
+    bits = [uniform] if uniform else list(range(args.quant_min_bits, args.quant_max_bits + 1))
     out: dict[str, list[QuantCandidate]] = {}
 
-    def widths(fixed: int) -> list[int]:
-        return list(range(args.quant_min_bits, args.quant_max_bits + 1)) if args.quant_alloc else [fixed]
-
-    def stack(names: list[str], bits: list[int]) -> tuple[Tensor, Tensor]:
-        w = torch.cat([state[f"{name}.weight"] for name in names]).to(device)
-        qmax = torch.cat([torch.full((w.size(0),), 2.0 ** (b - 1) - 1, device=device) for b in bits])
-        return w.repeat(len(bits), 1), qmax
-
-    lookup_energy = {"tok_emb": "tok_emb.input", **{name: name for name in lookup_tables(model)}}
-
-    def predicted_loss(name: str, d: Tensor, H: Tensor | None) -> float:
-        """1/2 sum over rows of the error d: through the output (f_r (d H d^T)_rr, for a matrix with input H) and,
-        for a table read by lookup (the tied embedding is both), through each row's reads."""
-        row_loss = torch.zeros(d.size(0), dtype=torch.float64, device=d.device)
-        if H is not None:
-            row_loss += energy[name] * ((d @ H) * d).sum(1).double()
-        if name in lookup_energy:
-            row_loss += counts[name] * (d.double().square() @ energy[lookup_energy[name]])
+    def predicted_loss(name: str, d: Tensor, H: Tensor) -> float:
+        """1/2 sum over rows of the error d through the output, f_r (d H d^T)_rr; the tied embedding's error also
+        reaches the loss through each row's reads."""
+        row_loss = energy[name] * ((d @ H) * d).sum(1).double()
+        if name == "tok_emb":
+            row_loss = row_loss + counts[name] * (d.double().square() @ energy["tok_emb.input"])
         return 0.5 * float(row_loss.sum())
 
-    def slices(names: list[str], bits: list[int]):  # (width, name, its rows in the stacked solve)
+    for group in gptq_groups(model) + [["tok_emb"]]:
+        w = torch.cat([state[f"{name}.weight"] for name in group]).to(device)  # one solve: every width, every name
+        qmax = torch.cat([torch.full((w.size(0),), 2.0 ** (b - 1) - 1, device=device) for b in bits])
+        H = stats["hessians"][group[0]].to(device).float() / n
+        w = w.repeat(len(bits), 1)
+        q, scale = gptq_quantize(w, H, qmax)
+        delta = w - q.float() * scale.float()[:, None]
+        dead = H.diagonal() == 0  # inputs never active: GPTQ zeroed their weights, and their error costs nothing
+        chol = damped_cholesky(H + torch.diag(dead.float()), GPTQ_DAMP) if args.lqer_rank and not uniform else None
         row = 0
         for b in bits:
-            for name in names:
-                yield b, name, slice(row, row + state[f"{name}.weight"].size(0))
-                row += state[f"{name}.weight"].size(0)
-
-    for group in gptq_groups(model) + [["tok_emb"]]:
-        bits = widths(args.quant_bits if group[0].startswith("blocks.") else args.embed_quant_bits)
-        w, qmax = stack(group, bits)
-        H = stats["hessians"][group[0]].to(device).float() / n
-        if group == ["tok_emb"] and not args.embed_gptq:
-            q, scale = quantize_rtn(w, qmax, H.diagonal())
-        else:
-            q, scale = gptq_quantize(w, H, qmax, args.gptq_block_size, args.gptq_damp)
-        delta = w - q.float() * scale.float()[:, None]
-        chol = None
-        if args.lqer_rank and args.quant_alloc:
-            dead = H.diagonal() == 0  # inputs never active: GPTQ zeroed their weights, and their error costs nothing
-            chol = damped_cholesky(H + torch.diag(dead.float()), args.gptq_damp)
-        for b, name, r in slices(group, bits):
-            cands = out.setdefault(f"{name}.weight", [])
-            cands.append(QuantCandidate(b, q[r].cpu(), scale[r].cpu(), predicted_loss(name, delta[r], H)))
-            if chol is not None and bool((energy[name] > 0).any()):  # no gradient energy: no loss to remove
-                lowrank = lowrank_correction(delta[r] * ~dead, energy[name], chol, args.lqer_rank)
-                cands.append(QuantCandidate(b, cands[-1].q, cands[-1].scale,
-                                            predicted_loss(name, delta[r] - lowrank_product(lowrank), H),
-                                            tuple(t.cpu() for t in lowrank)))
-    for name in lookup_tables(model):
-        bits = widths(args.embed_quant_bits)
-        w, qmax = stack([name], bits)
-        q, scale = quantize_rtn(w, qmax, energy[name].float())
-        delta = w - q.float() * scale.float()[:, None]
-        for b, _, r in slices([name], bits):
-            out.setdefault(f"{name}.weight", []).append(
-                QuantCandidate(b, q[r].cpu(), scale[r].cpu(), predicted_loss(name, delta[r], None)))
+            for name in group:
+                r = slice(row, row + state[f"{name}.weight"].size(0))
+                row = r.stop
+                cands = out.setdefault(f"{name}.weight", [])
+                cands.append(QuantCandidate(b, q[r].cpu(), scale[r].cpu(), predicted_loss(name, delta[r], H)))
+                if chol is not None and bool((energy[name] > 0).any()):  # no gradient energy: no loss to remove
+                    lowrank = lowrank_correction(delta[r] * ~dead, energy[name], chol, args.lqer_rank)
+                    cands.append(QuantCandidate(b, cands[-1].q, cands[-1].scale,
+                                                predicted_loss(name, delta[r] - lowrank_product(lowrank), H),
+                                                tuple(t.cpu() for t in lowrank)))
     return out
 
 
@@ -1694,15 +1628,14 @@ def quantize_model(model: GPT, stats: dict, args: Hyperparameters, code_bytes: i
             c.blob, c.lowrank_bytes = grids[id(c.q)] + extra, len(extra)
     for cands in options.values():
         cands.sort(key=lambda c: len(c.blob))
-    passthrough = {k: v.to(passthrough_dtype(v, args.passthrough_fp16)) for k, v in state.items()
-                   if k not in options}
+    passthrough = {k: v.to(passthrough_dtype(v)) for k, v in state.items() if k not in options}
     artifact = {"config": {k: env_string(args.values[k]) for k in MODEL_KEYS}, "passthrough": passthrough,
                 "tensors": {name: cands[0] for name, cands in options.items()}}
 
     def total() -> int:
         return code_bytes + len(serialize_artifact(artifact))
 
-    if args.quant_alloc:
+    if not args.quant_uniform_bits:
         budget = args.quant_target_bytes - total() + sum(len(cands[0].blob) for cands in options.values())
         while True:  # the header records the chosen sizes, so it may grow by a few bytes: then choose again
             choice = choose_widths(options, budget)
@@ -1715,7 +1648,7 @@ def quantize_model(model: GPT, stats: dict, args: Hyperparameters, code_bytes: i
     widths = sorted(c.bits for c in chosen)
     lines = [f"quant_tensor {name} bits:{c.bits} lqer_rank:{c.rank} bytes:{len(c.blob)} predicted_loss:{c.loss:.3e}"
              for name, c in artifact["tensors"].items()]
-    lines.append(f"quant_summary alloc:{int(args.quant_alloc)} tensors:{len(widths)} bits:{widths[0]}..{widths[-1]} "
+    lines.append(f"quant_summary alloc:{int(not args.quant_uniform_bits)} tensors:{len(widths)} bits:{widths[0]}..{widths[-1]} "
                  f"mean_bits:{sum(c.bits * c.q.numel() for c in chosen) / sum(c.q.numel() for c in chosen):.3f} "
                  f"lqer:{sum(c.rank > 0 for c in chosen)} ({sum(c.lowrank_bytes for c in chosen)} bytes) "
                  f"predicted_loss:{sum(c.loss for c in chosen):.5f} "
@@ -1814,6 +1747,107 @@ def submission_bytes(code: bytes, model_blob: bytes) -> dict[str, int | bool]:
     total = len(code) + len(model_blob)
     return {"bytes_code": len(code), "bytes_model": len(model_blob), "bytes_total": total,
             "under_limit": total <= SIZE_LIMIT_BYTES}
+
+
+
+
+def artifact_tag(artifact: dict) -> str:
+    """int5 when every quantized tensor has 5 bits; mixed when the widths differ."""
+    widths = {c.bits for c in artifact["tensors"].values()}
+    return f"int{widths.pop()}" if len(widths) == 1 else "mixed"
+
+
+def calibrate(model: GPT, loader: DistributedTokenLoader, args: Hyperparameters, place: Place, log: RunLog,
+              train_facts: dict) -> tuple[dict, dict]:
+    """CALIBRATION, still inside the training clock: statistics of the trained model on the next unseen training
+    tokens (see collect_calibration). Returns them, and the training facts with calibration's added."""
+    sync(place)
+    t_cal = time.perf_counter()
+    per_rank, batches = -(-args.gptq_calib_seqs // place.world_size), []
+    while per_rank > 0:
+        n = min(GPTQ_CALIB_MICRO_SEQS, per_rank)
+        batches.append(loader.next_batch(n, args.train_seq_len))
+        per_rank -= n
+    stats = collect_calibration(model, batches, place.device, place.cuda)
+    if place.distributed:
+        reduce_calibration(stats)
+    sync(place)
+    calibration_ms = 1000 * (time.perf_counter() - t_cal)
+    total_ms = train_facts["train_time_ms"] + calibration_ms
+    within = bool(args.max_wallclock_seconds) and total_ms <= 1000 * args.max_wallclock_seconds
+    log(f"gptq_calibration seqs:{stats['tokens'] // args.train_seq_len} tokens:{stats['tokens']} source:train_shards "
+        f"time:{calibration_ms:.0f}ms train_plus_calibration:{total_ms:.0f}ms within_wallclock:{within}")
+    if args.max_wallclock_seconds and not within:
+        log(f"WARNING: training + calibration took {total_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
+            f"{args.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS")
+    return stats, dict(train_facts, calibration_ms=calibration_ms, train_plus_calibration_s=total_ms / 1000,
+                       calibration_seqs=stats["tokens"] // args.train_seq_len, calibration_within_wallclock=within)
+
+
+def make_checkpoint(model: GPT, stats: dict, args: Hyperparameters, facts: dict) -> dict:
+    """The weights that are exported and the calibration statistics, so that any export can be made again from
+    the same trained model (scripts/evaluate.py --checkpoint) with no training noise."""
+    return {"format": CHECKPOINT_FORMAT, "config": {k: env_string(args.values[k]) for k in MODEL_KEYS},
+            "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "stats": {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v) for k, v in stats.items()},
+            "facts": facts}
+
+
+def save_checkpoint(checkpoint: dict, path_name: str, place: Place, log: RunLog) -> None:
+    if not path_name:
+        return
+    path = Path(path_name)
+
+    def save() -> list[tuple[Path, Path]]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        moved = keep_previous(path)
+        torch.save(checkpoint, path)
+        return moved
+
+    moved = on_rank0(place, "saving the checkpoint", save)
+    if place.master:
+        log(f"checkpoint:{path} bytes:{path.stat().st_size}"
+            + "".join(f" (the earlier one is kept as {aside})" for _, aside in moved))
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path}: no such file") from None
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is not a checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return checkpoint
+
+
+def export_artifact(model: GPT, stats: dict, args: Hyperparameters, code: bytes, place: Place, log: RunLog) -> bytes:
+    """EXPORT: rank 0 quantizes the model's weights with the calibration statistics, compresses them and writes the
+    artifact (a failure there stops every rank at once); every rank then reads the artifact back."""
+
+    def work() -> tuple:
+        t_export = time.perf_counter()
+        artifact, lines = quantize_model(model, stats, args, len(code), place.device)
+        blob = serialize_artifact(artifact)
+        moved = keep_previous(Path(args.artifact_path))
+        Path(args.artifact_path).write_bytes(blob)
+        return artifact, lines, blob, moved, time.perf_counter() - t_export
+
+    done = on_rank0(place, "export", work)
+    if place.master:
+        artifact, lines, blob, moved, export_s = done
+        for line in lines:
+            log(line, console=line.startswith("quant_summary"))
+        for _, aside in moved:
+            log(f"note: {args.artifact_path} existed: the earlier artifact is kept as {aside}")
+        sizes = submission_bytes(code, blob)
+        log(f"Serialized model {artifact_tag(artifact)}+lzma: {sizes['bytes_model']} bytes ({args.artifact_path})")
+        log(f"Code size: {sizes['bytes_code']} bytes")
+        log(f"Total submission size {artifact_tag(artifact)}+lzma: {sizes['bytes_total']} bytes")
+        log(f"export_time:{export_s:.1f}s (GPTQ at every candidate width + lzma + width choice)")
+        log.update(status="exported", export_seconds=export_s, **sizes)
+    return Path(args.artifact_path).read_bytes()
 
 
 # -----------------------------
@@ -1973,633 +2007,46 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
     return loss, bpb, count, facts
 
 
-# -----------------------------
-# DEMO DATA (no GPU and no FineWeb: a small language the script writes itself)
-# -----------------------------
-
-
-def make_demo_text(num_docs: int, seed: int) -> list[str]:
-    """Documents in a toy English with agreement, arithmetic and recurring names, so a model has things to learn."""
-    rng = random.Random(seed)
-    names = ["Ada", "Boris", "Chen", "Dara", "Emil", "Fatima", "Goran", "Hana", "Ivo", "Jun", "Kofi", "Lena"]
-    nouns = ["river", "garden", "engine", "letter", "mountain", "window", "market", "violin", "bridge", "forest",
-             "lantern", "harbour", "castle", "meadow", "station", "library"]
-    adjectives = ["old", "quiet", "bright", "narrow", "golden", "broken", "distant", "small", "ancient", "green"]
-    verbs = [("visits", "visited"), ("paints", "painted"), ("repairs", "repaired"), ("watches", "watched"),
-             ("describes", "described"), ("finds", "found"), ("builds", "built"), ("remembers", "remembered")]
-    places = ["the north", "the valley", "the city", "the coast", "the island", "the old town"]
-    docs = []
-    for _ in range(num_docs):
-        hero, noun = rng.choice(names), rng.choice(nouns)
-        sentences = [f"{hero} and the {noun}"]
-        for _ in range(rng.randint(4, 14)):
-            kind = rng.random()
-            present, past = rng.choice(verbs)
-            if kind < 0.35:
-                sentences.append(f"{hero} {past} the {rng.choice(adjectives)} {noun} in {rng.choice(places)}.")
-            elif kind < 0.6:
-                other = rng.choice(nouns)
-                sentences.append(f"Every day {hero} {present} a {rng.choice(adjectives)} {other} near the {noun}.")
-            elif kind < 0.8:
-                a, b = rng.randint(1, 49), rng.randint(1, 49)
-                sentences.append(f"{hero} counted {a} and {b}, which makes {a + b}.")
-            else:
-                sentences.append(f"The {noun} of {hero} was {rng.choice(adjectives)}, and {hero} liked it.")
-        docs.append(" ".join(sentences))
-    return docs
-
-
-def make_demo_data(directory: str, vocab_size: int = 512) -> None:
-    """Writes demo tokenizer and shards into `directory` once (a few seconds)."""
-    out = Path(directory)
-    model_path = out / f"demo_{vocab_size}_bpe.model"
-    if model_path.is_file() and list(out.glob("fineweb_val_*.bin")):
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    train_docs, val_docs = make_demo_text(12_000, seed=1), make_demo_text(400, seed=2)
-    text_path = out / "demo_text.txt"
-    text_path.write_text("\n".join(train_docs[:3000]), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(text_path), model_prefix=str(out / f"demo_{vocab_size}_bpe"), vocab_size=vocab_size,
-        model_type="bpe", pad_id=0, bos_id=1, eos_id=2, unk_id=3, add_dummy_prefix=False, character_coverage=1.0,
-        num_threads=2, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = [tok for doc in sp.encode(docs) for tok in [sp.bos_id()] + doc]
-        write_data_shard(out / f"fineweb_{split}_000000.bin", np.asarray(ids, dtype=np.uint16))
-
-
-# -----------------------------
-# RUN SET-UP AND LOG
-# -----------------------------
-
-SEPARATOR = "=" * 100
-
-
-def keep_previous(*paths: Path) -> list[tuple[Path, Path]]:
-    """Move existing files aside to <stem>.<n><suffix>, one n free for all of them (a log and its facts keep the same
-    number), so a run never overwrites or appends to what an earlier run produced. Returns (old, new) pairs."""
-    def aside(path: Path, n: int) -> Path:
-        return path.with_name(f"{path.stem}.{n}{path.suffix}")
-
-    n = 1
-    while any(aside(path, n).exists() for path in paths):
-        n += 1
-    moved = [(path, aside(path, n)) for path in paths if path.exists()]
-    for path, new in moved:
-        path.rename(new)
-    return moved
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM (a scheduler, `timeout`, torchrun stopping its workers) ends the run as Ctrl-C does: the log's last
-    line and the facts say so, what the run already wrote stays, and the exit status is the signal's (128 + 15)."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.exit_status = 128 + signum
-
-
-def stop_on_signal(signum: int, frame: object) -> None:
-    raise Stopped(signum)
-
-
-class RunLog:
-    """Rank 0's record of the run. logs/<RUN_ID>.txt starts with this script's source and a separator line, then
-    every logged line (the console gets the same lines); logs/<RUN_ID>.json holds the run's facts. Files of an
-    earlier run with the same RUN_ID are moved aside first."""
-
-    def __init__(self, run_id: str, master: bool, code: bytes):
-        if not run_id or not all(c.isalnum() or c in "._-" for c in run_id):
-            raise ValueError(f"RUN_ID={run_id!r} must be letters, digits, '.', '_' and '-' (it names the log files)")
-        self.run_id, self.master, self.facts = run_id, master, {"run_id": run_id, "status": "started"}
-        self.txt, self.json = Path("logs") / f"{run_id}.txt", Path("logs") / f"{run_id}.json"
-        if not master:
-            return
-        self.txt.parent.mkdir(exist_ok=True)
-        moved = keep_previous(self.txt, self.json)
-        self.txt.write_text(code.decode("utf-8") + "\n" + SEPARATOR + "\n", encoding="utf-8")
-        for path, aside in moved:
-            self(f"note: RUN_ID={run_id} was used before: the earlier {path} is kept as {aside}")
-
-    def __call__(self, msg: str, console: bool = True) -> None:
-        if not self.master:
-            return
-        if console:
-            print(msg, flush=True)
-        with open(self.txt, "a", encoding="utf-8") as f:
-            f.write(msg + "\n")
-
-    def update(self, **facts) -> None:
-        self.facts.update(facts)
-        if self.master:
-            self.json.write_text(json.dumps(self.facts, indent=2) + "\n", encoding="utf-8")
-
-    def fail(self, error: BaseException) -> None:
-        """The run stops here: its log's last line and its facts say why."""
-        if isinstance(error, KeyboardInterrupt):
-            what = f"interrupted ({error})" if str(error) else "interrupted"
-        else:
-            what = f"{type(error).__name__}: {error}"
-        self(f"ERROR: {what}")
-        self.update(status="failed", error=what)
-
-
-class Run:
-    """What every phase needs: the knobs, this process's place in the job, its device and the log."""
-
-    def __init__(self, args: Hyperparameters, log: RunLog, code: bytes, place: tuple[bool, int, int, int],
-                 demo: bool, launch: float):
-        self.args, self.log, self.code, self.demo = args, log, code, demo
-        self.distributed, self.rank, self.world_size, self.local_rank = place
-        self.master = self.rank == 0
-        self.use_cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", self.local_rank) if self.use_cuda else torch.device("cpu")
-        self.compile_on = self.use_cuda and args.compile
-        self.grad_accum, self.micro_seqs = args.batch_layout(self.world_size)
-        self.artifact: dict | None = None  # the decoded artifact being evaluated (EVAL_ARTIFACT, or this run's)
-        self.artifact_blob = b""
-        self.checkpoint: dict | None = None  # trained weights and calibration statistics (EXPORT_CHECKPOINT)
-        self.val: dict = {}  # validation tokens and target bytes (load_evaluation_data)
-        self.token_losses = None  # per-token loss of the (compiled) model (build_model)
-        self.launch = launch
-
-    def sync(self) -> None:
-        if self.use_cuda:
-            torch.cuda.synchronize()
-
-    def score(self, stride: int) -> tuple[float, float, int, float]:
-        """The current weights over the whole validation stream: (val_loss, val_bpb, targets, seconds)."""
-        self.sync()
-        t0 = time.perf_counter()
-        loss, bpb, count = evaluate(self.token_losses, self.val, self.args.eval_seq_len, stride,
-                                    self.args.eval_batch_seqs, self.rank, self.world_size, self.device, self.use_cuda)
-        self.sync()
-        return loss, bpb, count, time.perf_counter() - t0
-
-
-def process_place() -> tuple[bool, int, int, int]:
-    """(distributed, rank, world size, local rank) from torchrun's variables; one process without them."""
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if not distributed:
-        return False, 0, 1, 0
-    return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def start_run(log: RunLog, code: bytes, place: tuple[bool, int, int, int], launch: float) -> Run:
-    """SET-UP: the knobs (an artifact or checkpoint fixes the model's shape), the device, the process group, and
-    the head of the log. A configuration error stops the run here, before any data or model work."""
-    env = {k: v for k, v in os.environ.items() if not (k == "RUN_ID" and not v)}  # RUN_ID= is no RUN_ID
-    eval_artifact, export_checkpoint = env.get("EVAL_ARTIFACT", ""), env.get("EXPORT_CHECKPOINT", "")
-    source, overridden = None, []
-    if eval_artifact and export_checkpoint:
-        raise ValueError("EVAL_ARTIFACT and EXPORT_CHECKPOINT are two modes: set one of them")
-    if eval_artifact:
-        blob = read_input_file("EVAL_ARTIFACT", eval_artifact)
-        source = deserialize_artifact(blob, f"EVAL_ARTIFACT={eval_artifact}")
-    elif export_checkpoint:
-        source = load_checkpoint(export_checkpoint)
-    if source is not None:  # evaluate or export the saved model, whatever shape the environment asks for
-        overridden = [f"{k}={v} (not {env[k]})" for k, v in source["config"].items() if k in env and env[k] != v]
-        env.update(source["config"])
-    use_cuda = torch.cuda.is_available()
-    default_data = DATA_PATH_PATTERN.format(env.get("VOCAB_SIZE", DEFAULT_VOCAB_SIZE))
-    demo = not use_cuda and "DATA_PATH" not in env and not os.path.isdir(default_data)
-    args = Hyperparameters(env=env, defaults=dict(DEMO_DEFAULTS if demo else {}, RUN_ID=log.run_id))
-    run = Run(args, log, code, place, demo, launch)
-    if args.eval_artifact:
-        run.artifact, run.artifact_blob = source, blob
-    elif args.export_checkpoint:
-        run.checkpoint = source
-    if run.use_cuda:
-        torch.cuda.set_device(run.device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if run.distributed:
-        dist.init_process_group(backend="nccl" if run.use_cuda else "gloo",
-                                device_id=run.device if run.use_cuda else None)
-    log(f"Running Python {sys.version.split()[0]} PyTorch {torch.__version__}", console=False)
-    if run.use_cuda:
-        log(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
-    if demo:
-        log(f"demo: no CUDA device and no data at {default_data}: the embedded demo (self-generated text and "
-            f"tokenizer in {DEMO_DIR}, a small model, {args.iterations} steps on the CPU)")
-    log("hyperparameters:")
-    for name, value in args.values.items():
-        log(f"  {name}: {env_string(value)}")
-    if source is not None:
-        log(f"model shape from {args.eval_artifact or args.export_checkpoint}"
-            + (f"; not from the environment: {', '.join(overridden)}" if overridden else ""))
-    if args.val_max_tokens:
-        log(f"WARNING: VAL_MAX_TOKENS={args.val_max_tokens} scores a prefix of the validation split: "
-            f"not an official score")
-    log.update(seed=args.seed, world_size=run.world_size)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    return run
-
-
-def read_input_file(knob: str, path: str) -> bytes:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{knob}={path}: no such file")
-    return Path(path).read_bytes()
-
-
-def load_evaluation_data(run: Run) -> tuple[spm.SentencePieceProcessor, dict]:
-    """TOKENIZER + VALIDATION DATA: the validation tokens and the official byte count of every target, after
-    checking that the tokenizer is the one that made the shards."""
-    args, log = run.args, run.log
-    if run.demo and run.master:
-        make_demo_data(DEMO_DIR)
-    if run.distributed:
-        dist.barrier()
-    sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
-    val_np = load_validation_tokens(args.data_path, args.val_max_tokens)
-    check_token_range(val_np, args.vocab_size, "the validation split")
-    docs = check_tokenizer_matches(sp, val_np, args.tokenizer_path)
-    if not docs:
-        log(f"WARNING: no whole validation document without <unk> among the first tokens: could not check that "
-            f"TOKENIZER_PATH={args.tokenizer_path} made the shards")
-    byte_counts = target_byte_counts(val_np, build_sentencepiece_luts(sp))
-    val = {"tokens": torch.from_numpy(val_np.astype(np.int64)).to(run.device),
-           "target_bytes": torch.from_numpy(byte_counts).to(run.device)}
-    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path} "
-        f"reproduces_val_documents:{docs}")
-    log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val_np.size} "
-        f"targets:{val_np.size - 1} target_bytes:{int(byte_counts.sum())}")
-    log.update(val_tokens=int(val_np.size - 1), val_bytes=int(byte_counts.sum()))
-    return sp, val
-
-
-def check_cpu_memory(args: Hyperparameters, num_params: int, micro_tokens: int, have: int | None = None) -> None:
-    """Without CUDA the model trains in fp32 on the CPU. Estimate its memory (weights, gradients and optimizer
-    state, and the activations of one micro-batch) and stop with the way out if it cannot fit in `have` bytes
-    (this machine's memory by default)."""
-    hidden = int(args.mlp_mult * args.model_dim)
-    activations = 4 * micro_tokens * (args.num_layers * (12 * args.model_dim + 3 * hidden) + 3 * args.vocab_size)
-    need = 20 * num_params + activations  # fp32 weights, gradients, two optimizer moments, the EMA
-    have = have or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > 0.8 * have:
-        raise ValueError(
-            f"no CUDA device: this model ({num_params / 1e6:.1f}M parameters, {micro_tokens} tokens per micro-batch) "
-            f"would need about {need / 2**30:.0f} GiB on the CPU, and this machine has {have / 2**30:.0f} GiB. For a "
-            f"CPU run, unset DATA_PATH to run the demo, or shrink the model and batch (for example NUM_LAYERS=4 "
-            f"MODEL_DIM=128 TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096)")
-
-
-def build_model(run: Run, bos_id: int) -> tuple[GPT, object]:
-    """MODEL: the network, and the (compiled) per-token loss that every evaluation uses."""
-    args, log = run.args, run.log
-    with torch.device("meta"):  # the shape alone: nothing is allocated or initialised
-        num_params = sum(p.numel() for p in GPT(args, bos_id=bos_id).parameters())
-    if not run.use_cuda and run.artifact is None and run.checkpoint is None:
-        check_cpu_memory(args, num_params, run.micro_seqs * args.train_seq_len)
-        if not run.demo:
-            log(f"note: no CUDA device: training {num_params / 1e6:.1f}M parameters on the CPU")
-    base_model = GPT(args, bos_id=bos_id).to(run.device)
-    if run.compile_on:
-        log(configure_inductor())
-    token_losses = torch.compile(base_model.token_losses, dynamic=False, fullgraph=True) if run.compile_on \
-        else base_model.token_losses
-    attention_kind = "flash_attn_3" if fa3_attention is not None and run.use_cuda else "sdpa"
-    xsa_layers = [i for i, b in enumerate(base_model.blocks) if b.attn is not None and b.attn.use_xsa]
-    log(f"model_params:{num_params} attention:{attention_kind} ssm_layers:{env_string(args.ssm_layers) or 'none'} "
-        f"ssm_mode:{args.ssm_mode} ssm_kernel:{args.ssm_kernel} xsa_layers:{env_string(tuple(xsa_layers)) or 'none'}")
-    log(f"world_size:{run.world_size} grad_accum_steps:{run.grad_accum} micro_batch_seqs:{run.micro_seqs} "
-        f"compile:{run.compile_on}")
-    return base_model, token_losses
-
-
-# -----------------------------
-# TRAINING
-# -----------------------------
-
-
-def configure_inductor() -> str:
-    """Compiler settings for this model; returns the line that records them in the log.
-    Inductor's mix-order reduction fuses an RMSNorm backward with the per-channel gradient sums (resid_mix, the mixer
-    and MLP scales) of several blocks into one kernel. PyTorch 2.11 puts no cap on that kernel's loads and builds
-    ones that spill registers: at the competition shape three of them took 113 of a step's 711 ms on an H200.
-    Later releases cap the loads; untested there, so the fusion is off everywhere unless
-    TORCHINDUCTOR_MIX_ORDER_REDUCTION is set."""
-    triton_config = torch._inductor.config.triton
-    if not hasattr(triton_config, "mix_order_reduction"):
-        return "inductor: mix_order_reduction:absent"
-    if "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ:
-        triton_config.mix_order_reduction = False
-    return f"inductor: mix_order_reduction:{triton_config.mix_order_reduction}"
-
-
-def make_train_step(run: Run, model: nn.Module, base_model: GPT, optimizers: list[torch.optim.Optimizer]):
-    """One optimizer step over the global batch (grad_accum micro-batches): schedules, backward, clip, update.
-    Returns the mean training loss of the step (this rank's share)."""
-    args = run.args
-
-    def train_step(loader: DistributedTokenLoader, progress: float) -> Tensor:
-        mult = lr_multiplier(progress, args)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * mult
-        for group in optimizers[0].param_groups:
-            group["momentum"] = muon_momentum_at(progress, args)
-        loss_sum = torch.zeros((), device=run.device)
-        for micro in range(run.grad_accum):
-            x, y = loader.next_batch(run.micro_seqs, args.train_seq_len)
-            if run.distributed:
-                model.require_backward_grad_sync = micro == run.grad_accum - 1
-            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.use_cuda):
-                loss = model(x, y)
-            (loss / run.grad_accum).backward()
-            loss_sum += loss.detach()
-        if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(base_model.parameters(), args.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss_sum / run.grad_accum
-
-    return train_step
-
-
-def warm_up(train_step, base_model: GPT, optimizers: list[torch.optim.Optimizer], new_loader, steps: int,
-            log) -> DistributedTokenLoader:
-    """COMPILE PRIMING: `steps` real training steps compile and warm every kernel; then the initial weights,
-    optimizer state and data position are restored, so the timed run starts from scratch. Returns a fresh loader."""
-    if steps:
-        initial_model = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-        initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        loader = new_loader()
-        for i in range(steps):
-            train_step(loader, 0.0)
-            if i + 1 in (1, steps) or (i + 1) % 10 == 0:
-                log(f"warmup_step:{i + 1}/{steps}")
-        base_model.load_state_dict(initial_model)
-        for opt, saved in zip(optimizers, initial_optimizers):
-            opt.load_state_dict(saved)
-    return new_loader()
-
-
-def train(run: Run, base_model: GPT) -> tuple[DistributedTokenLoader, dict]:
-    """TRAINING: warm-up, then steps until ITERATIONS or the wall clock (MAX_WALLCLOCK_SECONDS less
-    GPTQ_RESERVE_SECONDS, kept for calibration) runs out; the model ends holding the EMA weights. Returns the
-    loader (calibration reads the next unseen training tokens) and the training facts."""
-    args, log = run.args, run.log
-    train_files = find_shards(args.data_path, "train")
-    val_files = {os.path.realpath(f) for f in find_shards(args.data_path, "val")}
-    log(f"train_loader:dataset:{args.data_path} train_shards:{len(train_files)}")
-    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if run.compile_on else base_model
-    model = DDP(compiled, device_ids=[run.local_rank] if run.use_cuda else None, broadcast_buffers=False) \
-        if run.distributed else compiled
-    orthogonalize = torch.compile(zeropower_via_newtonschulz5) if run.compile_on else None
-    optimizers = build_optimizers(base_model, args, orthogonalize, run.rank, run.world_size)
-    train_step = make_train_step(run, model, base_model, optimizers)
-
-    def new_loader() -> DistributedTokenLoader:
-        return DistributedTokenLoader(train_files, args.vocab_size, run.rank, run.world_size, run.device)
-
-    loader = warm_up(train_step, base_model, optimizers, new_loader, args.warmup_steps, log)
-
-    # The clock counts training steps only (not validation); GPTQ_RESERVE_SECONDS of the budget are kept for
-    # calibration, which also reads training data.
-    budget_ms = 1000 * (args.max_wallclock_seconds - args.gptq_reserve_seconds) if args.max_wallclock_seconds else 0
-    ema = ExponentialMovingAverage(base_model, args.ema_horizon_frac) if args.ema_enabled else None
-    training_ms, elapsed_ms, step, stop_after_step = 0.0, 0.0, 0, None
-    run.sync()
-    log(f"time_to_first_step:{time.perf_counter() - run.launch:.1f}s (setup, compile and warm-up)")
+def timed_evaluate(token_losses, val: dict, args: Hyperparameters, stride: int,
+                   place: Place) -> tuple[float, float, int, float]:
+    """The current weights over the whole validation stream: (val_loss, val_bpb, targets, seconds)."""
+    sync(place)
     t0 = time.perf_counter()
-    while True:
-        last_step = step == args.iterations or (stop_after_step is not None and step >= stop_after_step)
-        if args.val_loss_every and step > 0 and (last_step or step % args.val_loss_every == 0):
-            run.sync()
-            training_ms += 1000 * (time.perf_counter() - t0)
-            loss, bpb, _, _ = run.score(args.eval_seq_len)
-            log(f"step:{step}/{args.iterations} val_loss:{loss:.4f} val_bpb:{bpb:.4f} "
-                f"train_time:{training_ms:.0f}ms step_avg:{training_ms / step:.2f}ms")
-            run.sync()
-            t0 = time.perf_counter()
-        if last_step:
-            break
-        progress = max(step / args.iterations, elapsed_ms / budget_ms if budget_ms else 0.0)
-        train_loss = train_step(loader, min(progress, 1.0))
-        step += 1
-        if ema is not None:
-            ema.update(step, max(progress, 1e-9))
-        elapsed_ms = training_ms + 1000 * (time.perf_counter() - t0)
-        if budget_ms and run.distributed:  # every rank must follow the same schedule, or the replicas drift apart
-            shared = torch.tensor(elapsed_ms, device=run.device, dtype=torch.float64)
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-            elapsed_ms = shared.item()
-        if budget_ms and stop_after_step is None and elapsed_ms >= budget_ms:
-            stop_after_step = step
-        if step <= 10 or step % args.train_log_every == 0 or step in (args.iterations, stop_after_step):
-            if run.distributed:  # the global batch's mean, so logs of 1 and 8 GPUs compare line by line
-                dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-            log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
-                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
-    run.sync()
-    training_ms += 1000 * (time.perf_counter() - t0)
-    if stop_after_step is not None:
-        log(f"stopping_early: wallclock_cap train_time:{training_ms:.0f}ms step:{step}/{args.iterations}")
-    tokens_per_s = step * args.train_batch_tokens / (training_ms / 1000)
-    log(f"train_summary steps:{step} train_time:{training_ms:.0f}ms step_avg:{training_ms / step:.2f}ms "
-        f"tokens_per_s:{tokens_per_s:.0f}")
-    if run.use_cuda:
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
-    if ema is not None:  # the exported weights are the EMA's
-        ema.copy_to_model()
-    if run.distributed:  # every replica must hold the same weights; a drift would mean rank 0 exports an outlier
-        sums = torch.stack([p.detach().double().sum() for p in base_model.parameters()])
-        magnitudes = torch.stack([p.detach().double().abs().sum() for p in base_model.parameters()])
-        low, high = sums.clone(), sums.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        in_sync = bool(torch.equal(low, high))
-        spread = ((high - low) / magnitudes.clamp_min(1e-30)).max().item()  # relative to each tensor's L1 norm
-        log(f"replicas_in_sync:{in_sync} max_relative_spread:{spread:.3g}"
-            + ("" if in_sync else " WARNING: the ranks' weights differ"))
-    facts = {"steps": step, "step_avg_ms": training_ms / step, "train_time_ms": training_ms, "ema": ema is not None,
-             "tokens_per_s": tokens_per_s, "max_wallclock_seconds": args.max_wallclock_seconds,
-             "train_files_disjoint_from_val": not val_files & {os.path.realpath(f) for f in train_files}}
-    log.update(**facts)
-    return loader, facts
+    loss, bpb, count = evaluate(token_losses, val, args.eval_seq_len, stride, args.eval_batch_seqs, place.rank,
+                                place.world_size, place.device, place.cuda)
+    sync(place)
+    return loss, bpb, count, time.perf_counter() - t0
 
 
-def calibrate(run: Run, base_model: GPT, loader: DistributedTokenLoader, facts: dict) -> dict:
-    """CALIBRATION, still inside the training clock: statistics of the trained model on the next unseen training
-    tokens (see collect_calibration). Returns the checkpoint: weights, statistics and the training facts."""
-    args, log = run.args, run.log
-    run.sync()
-    t_cal = time.perf_counter()
-    per_rank, batches = -(-args.gptq_calib_seqs // run.world_size), []
-    while per_rank > 0:
-        n = min(GPTQ_CALIB_MICRO_SEQS, per_rank)
-        batches.append(loader.next_batch(n, args.train_seq_len))
-        per_rank -= n
-    stats = collect_calibration(base_model, batches, run.device, run.use_cuda)
-    if run.distributed:
-        reduce_calibration(stats)
-    run.sync()
-    calibration_ms = 1000 * (time.perf_counter() - t_cal)
-    total_ms = facts["train_time_ms"] + calibration_ms
-    within = bool(args.max_wallclock_seconds) and total_ms <= 1000 * args.max_wallclock_seconds
-    log(f"gptq_calibration seqs:{stats['tokens'] // args.train_seq_len} tokens:{stats['tokens']} source:train_shards "
-        f"time:{calibration_ms:.0f}ms train_plus_calibration:{total_ms:.0f}ms within_wallclock:{within}")
-    if args.max_wallclock_seconds and not within:
-        log(f"WARNING: training + calibration took {total_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
-            f"{args.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS")
-    for line in kernel_report(base_model, args.train_seq_len):
-        log(line)
-    facts = dict(facts, calibration_ms=calibration_ms, train_plus_calibration_s=total_ms / 1000,
-                 calibration_seqs=stats["tokens"] // args.train_seq_len, calibration_within_wallclock=within)
-    log.update(**facts)
-    return {"format": CHECKPOINT_FORMAT, "config": {k: env_string(args.values[k]) for k in MODEL_KEYS},
-            "state": {k: v.detach().cpu() for k, v in base_model.state_dict().items()},
-            "stats": {k: ({n: t.cpu() for n, t in v.items()} if isinstance(v, dict) else v) for k, v in stats.items()},
-            "facts": facts}
+def score_pre_export(token_losses, val: dict, args: Hyperparameters, place: Place, log: RunLog) -> None:
+    """The trained (EMA) weights before quantization, in non-overlapping windows: the reference for the
+    quantization gap."""
+    loss, bpb, _, seconds = timed_evaluate(token_losses, val, args, args.eval_seq_len, place)
+    log(f"pre_export val_loss:{loss:.4f} val_bpb:{bpb:.4f} weights:ema eval_time:{1000 * seconds:.0f}ms")
+    log.update(pre_quant_val_loss=loss, pre_quant_val_bpb=bpb)
 
 
-def on_rank0(run: Run, what: str, work):
-    """Run `work` on rank 0 alone. A failure there is shared at once, so every rank stops together instead of
-    waiting at the next collective. Returns work()'s result on rank 0, None elsewhere."""
-    ok, error, result = torch.ones((), device=run.device), None, None
-    if run.master:
-        try:
-            result = work()
-        except Exception as e:
-            ok.zero_()
-            error = e
-    if run.distributed:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not bool(ok.item()):
-        if run.distributed:
-            leave_process_group()
-        if error is not None:
-            raise RuntimeError(f"{what} failed: {type(error).__name__}: {error}") from error
-        raise SystemExit(f"{what} failed on rank 0")
-    return result
-
-
-def save_checkpoint(run: Run, checkpoint: dict) -> None:
-    """The weights that are exported and the calibration statistics, so that any export can be made again from
-    the same trained model (EXPORT_CHECKPOINT) with no training noise."""
-    if not run.args.checkpoint_path:
-        return
-    path = Path(run.args.checkpoint_path)
-
-    def save() -> list[tuple[Path, Path]]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        moved = keep_previous(path)
-        torch.save(checkpoint, path)
-        return moved
-
-    moved = on_rank0(run, "saving the checkpoint", save)
-    if run.master:
-        run.log(f"checkpoint:{path} bytes:{path.stat().st_size}"
-                + "".join(f" (the earlier one is kept as {aside})" for _, aside in moved))
-
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"EXPORT_CHECKPOINT={path}: no such file") from None
-    except Exception as e:
-        raise ValueError(f"EXPORT_CHECKPOINT={path} is not a checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"EXPORT_CHECKPOINT={path} is not a {CHECKPOINT_FORMAT} checkpoint")
-    return checkpoint
-
-
-# -----------------------------
-# EXPORT
-# -----------------------------
-
-
-def evaluate_pre_export(run: Run, base_model: GPT) -> None:
-    """The checkpoint's weights before quantization, scored with non-overlapping windows (and sliding ones with
-    PRE_EXPORT_SLIDING=1): the reference for the quantization gap."""
-    args, log, checkpoint = run.args, run.log, run.checkpoint
-    if args.export_checkpoint:  # a run that trained already holds these weights
-        base_model.load_state_dict(checkpoint["state"])
-        facts = checkpoint["facts"]
-        log(f"export_only: checkpoint {args.export_checkpoint}: steps:{facts['steps']} train_plus_calibration:"
-            f"{1000 * facts['train_plus_calibration_s']:.0f}ms within_wallclock:"
-            f"{facts['calibration_within_wallclock']} (calibration was on training shards inside that run's clock)")
-        log.update(**facts, checkpoint=args.export_checkpoint)
-    strides = [("", args.eval_seq_len)] + ([("_sliding_window", args.eval_stride)]
-                                           if args.pre_export_sliding and args.eval_stride else [])
-    for label, stride in strides:
-        loss, bpb, _, seconds = run.score(stride)
-        log(f"pre_export{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} weights:"
-            f"{'ema' if checkpoint['facts']['ema'] else 'final'} eval_time:{1000 * seconds:.0f}ms")
-        log.update(**{f"pre_quant{label}_val_loss": loss, f"pre_quant{label}_val_bpb": bpb})
-
-
-def export(run: Run, base_model: GPT) -> None:
-    """EXPORT: rank 0 quantizes the checkpoint's weights with its calibration statistics, compresses them and writes
-    the artifact; every rank then reads the artifact back. A failure on rank 0 is shared at once, so the other
-    ranks stop too instead of waiting at a barrier."""
-    args, log, checkpoint = run.args, run.log, run.checkpoint
-
-    def work() -> tuple:
-        t_export = time.perf_counter()
-        artifact, lines = quantize_model(base_model, checkpoint["stats"], args, len(run.code), run.device)
-        blob = serialize_artifact(artifact)
-        moved = keep_previous(Path(args.artifact_path))
-        Path(args.artifact_path).write_bytes(blob)
-        return artifact, lines, blob, moved, time.perf_counter() - t_export
-
-    done = on_rank0(run, "export", work)
-    if run.master:
-        artifact, lines, blob, moved, export_s = done
-        for line in lines:
-            log(line, console=line.startswith("quant_summary"))
-        for _, aside in moved:
-            log(f"note: {args.artifact_path} existed: the earlier artifact is kept as {aside}")
-        sizes = submission_bytes(run.code, blob)
-        log(f"Serialized model {artifact_tag(artifact)}+lzma: {sizes['bytes_model']} bytes ({args.artifact_path})")
-        log(f"Code size: {sizes['bytes_code']} bytes")
-        log(f"Total submission size {artifact_tag(artifact)}+lzma: {sizes['bytes_total']} bytes")
-        log(f"export_time:{export_s:.1f}s (GPTQ at every candidate width + lzma + width choice)")
-        log.update(status="exported", export_seconds=export_s, **sizes)
-    run.artifact_blob = Path(args.artifact_path).read_bytes()
-    run.artifact = deserialize_artifact(run.artifact_blob, args.artifact_path)
-
-
-def artifact_tag(artifact: dict) -> str:
-    """int5 when every quantized tensor has 5 bits; mixed when the widths differ."""
-    widths = {c.bits for c in artifact["tensors"].values()}
-    return f"int{widths.pop()}" if len(widths) == 1 else "mixed"
-
-
-# -----------------------------
-# FINAL EVALUATION AND VALIDITY
-# -----------------------------
-
-
-def final_evaluation(run: Run, base_model: GPT) -> dict:
+def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: Hyperparameters, place: Place,
+                     log: RunLog) -> dict:
     """Dequantize the artifact over every tensor of the model, then score the whole validation stream:
     non-overlapping windows, sliding windows, then (TTT_ENABLED=1) sliding windows with score-first test-time
     training. Each pass scores every target once; the last one is the headline."""
-    args, log = run.args, run.log
-    base_model.load_state_dict(dequantize_state(run.artifact), strict=True)
+    model.load_state_dict(dequantize_state(artifact), strict=True)
     results = {}
     passes = [("roundtrip", args.eval_seq_len)] + ([("sliding_window", args.eval_stride)] if args.eval_stride else [])
-    tag = f"final_{artifact_tag(run.artifact)}"
+    tag = f"final_{artifact_tag(artifact)}"
     for label, stride in passes:
-        loss, bpb, count, seconds = run.score(stride)
+        loss, bpb, count, seconds = timed_evaluate(token_losses, val, args, stride, place)
         log(f"{tag}_{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} seq_len:{args.eval_seq_len} stride:{stride} "
             f"tokens:{count} eval_time:{1000 * seconds:.0f}ms")
         log(f"{tag}_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
         results[label] = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": seconds}
     if args.ttt_enabled:  # last: it changes the weights, and nothing reads them afterwards
-        run.sync()
+        sync(place)
         t0 = time.perf_counter()
-        loss, bpb, count, facts = evaluate_ttt(base_model, run.token_losses, run.val, args, run.rank, run.world_size,
-                                               run.device, run.use_cuda)
-        run.sync()
+        loss, bpb, count, facts = evaluate_ttt(model, token_losses, val, args, place.rank, place.world_size,
+                                               place.device, place.cuda)
+        sync(place)
         seconds = time.perf_counter() - t0
         log(f"ttt: every weight adapted on the validation stream, in order, each chunk scored before the model "
             f"trained on it: {facts['chunks']} chunks of ~{args.ttt_chunk_tokens} targets, {args.ttt_epochs} SGD "
@@ -2612,6 +2059,9 @@ def final_evaluation(run: Run, base_model: GPT) -> dict:
     return results
 
 
+# -----------------------------
+# VALIDITY
+# -----------------------------
 TRAINING_RULES = ("wallclock_cap_set", "train_under_600s", "calibration_within_wallclock", "no_val_data_in_training")
 
 
@@ -2643,27 +2093,27 @@ def assess_validity(m: dict) -> tuple[dict[str, bool | None], list[str]]:
     return flags, broken
 
 
-def record_validity(run: Run, results: dict) -> int:
-    """The run's facts: scores, sizes, timings and the validity flags, all from what this run measured. Returns
-    the exit status: 1 over the size cap (the run is not a submission), 0 otherwise."""
-    args, log = run.args, run.log
-    training = run.checkpoint["facts"] if run.checkpoint is not None else {}
+def record_verdict(training: dict, results: dict, args: Hyperparameters, code: bytes, blob: bytes, place: Place,
+                   log: RunLog) -> int:
+    """The run's facts: scores, sizes, timings and the validity flags, all from what this run measured (`training`:
+    the training facts, empty for a run that trained nothing). Returns the exit status: 1 over the size cap (the
+    run is not a submission), 0 otherwise."""
     headline = results.get("ttt", results.get("sliding_window", results["roundtrip"]))
     eval_seconds = sum(r["eval_seconds"] for r in results.values())
-    sizes = submission_bytes(run.code, run.artifact_blob)
+    sizes = submission_bytes(code, blob)
     measured = dict(training, val_max_tokens=args.val_max_tokens, eval_seconds=eval_seconds,
                     bytes_total=sizes["bytes_total"], score_first=results.get("ttt", {}).get("score_first", True))
     flags, broken = assess_validity(measured)
     cal = (f"{training['calibration_seqs']} training sequences, {training['calibration_ms']:.0f} ms, "
            f"{'inside' if training['calibration_within_wallclock'] else 'outside'} the training wall clock"
            if training else "not part of this run")
+    ttt = f"{results['ttt']['method']}, each chunk scored before training on it" if "ttt" in results else "none"
+    device = torch.cuda.get_device_name(place.device) if place.cuda else "CPU"
     log.update(status="evaluated", val_loss=headline["val_loss"], val_bpb=headline["val_bpb"], results=results,
                eval_time_seconds=eval_seconds, **sizes, valid=not broken, broken_rules=broken,
-               compliance=dict(flags, calibration=cal, test_time_adaptation=(
-                   f"{results['ttt']['method']}, each chunk scored before training on it" if "ttt" in results
-                   else "none")),
-               hardware=f"{run.world_size}x {torch.cuda.get_device_name(run.device) if run.use_cuda else 'CPU'}",
-               pytorch_version=torch.__version__, config={k: env_string(v) for k, v in args.values.items()})
+               compliance=dict(flags, calibration=cal, test_time_adaptation=ttt),
+               hardware=f"{place.world_size}x {device}", pytorch_version=torch.__version__,
+               config={k: env_string(v) for k, v in args.values.items()})
     log(f"submission_facts:{log.json} valid:{not broken}" + (f" broke: {'; '.join(broken)}" if broken else ""))
     if not sizes["under_limit"]:
         log(f"ERROR: total submission size {sizes['bytes_total']} bytes exceeds {SIZE_LIMIT_BYTES}: "
@@ -2672,55 +2122,52 @@ def record_validity(run: Run, results: dict) -> int:
 
 
 # -----------------------------
-# MAIN
+# MAIN: THE RUN
 # -----------------------------
 
 
-def leave_process_group() -> None:
-    """Tear the process group down only after every rank has arrived. The process then ends without interpreter
-    shutdown (see the bottom of this file)."""
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def main() -> int:
-    """Set-up, data, model; then training and calibration (or a saved checkpoint), export (or a saved artifact);
-    then the final evaluation and the validity verdict. Returns the exit status: 1 if over the size cap."""
+    """The run, top to bottom: set-up, data, model, training and calibration, export, evaluation of the artifact,
+    verdict. Returns the exit status: 1 if the artifact is over the size cap."""
     code = Path(__file__).read_bytes()
     signal.signal(signal.SIGTERM, stop_on_signal)
-    place = process_place()
-    log = RunLog(os.environ.get("RUN_ID") or str(uuid.uuid4()), place[1] == 0, code)
+    distributed, rank, world_size, local_rank = process_place()
+    log = RunLog(os.environ.get("RUN_ID") or str(uuid.uuid4()), rank == 0, code)
     launch = time.perf_counter()
     try:
-        run = start_run(log, code, place, launch)
-        sp, run.val = load_evaluation_data(run)
-        base_model, run.token_losses = build_model(run, sp.bos_id())
-        if run.artifact is None:  # train (or take a saved model), then export
-            if run.checkpoint is None:
-                loader, facts = train(run, base_model)
-                run.checkpoint = calibrate(run, base_model, loader, facts)
-                save_checkpoint(run, run.checkpoint)
-            evaluate_pre_export(run, base_model)
-            export(run, base_model)
-        status = record_validity(run, final_evaluation(run, base_model))
+        refuse_arguments(sys.argv[1:])
+        args = Hyperparameters(env=dict(os.environ, RUN_ID=log.run_id))
+        place = set_up(args, distributed, rank, world_size, local_rank)
+        log_run_header(log, args, place)
+
+        # Data: the validation tokens with each target's official byte count, and the training shards.
+        sp, val = load_validation(args, place, log)
+        train_files = find_shards(args.data_path, "train")
+        val_files = {os.path.realpath(f) for f in find_shards(args.data_path, "val")}
+        disjoint = not val_files & {os.path.realpath(f) for f in train_files}
+        log(f"train_loader:dataset:{args.data_path} train_shards:{len(train_files)}")
+
+        # Model, then training and calibration inside one wall clock; the checkpoint keeps what export reads.
+        model, token_losses = build_model(args, sp.bos_id(), place, log, training=True)
+        loader, facts = train_model(model, args, place, train_files, log, launch,
+                                    lambda: timed_evaluate(token_losses, val, args, args.eval_seq_len, place)[:2])
+        stats, facts = calibrate(model, loader, args, place, log, dict(facts, train_files_disjoint_from_val=disjoint))
+        log.update(**facts)
+        save_checkpoint(make_checkpoint(model, stats, args, facts), args.checkpoint_path, place, log)
+
+        # Export, then the artifact scored as the leaderboard scores it, then the verdict.
+        score_pre_export(token_losses, val, args, place, log)
+        blob = export_artifact(model, stats, args, code, place, log)
+        artifact = deserialize_artifact(blob, args.artifact_path)
+        results = final_evaluation(model, artifact, token_losses, val, args, place, log)
+        status = record_verdict(facts, results, args, code, blob, place, log)
     except BaseException as error:
         log.fail(error)
         raise
-    if run.distributed:
+    if distributed:
         leave_process_group()
     return status
 
 
 if __name__ == "__main__":
-    try:
-        status = main()
-    except Stopped as stopped:  # the log already ends with the reason
-        status = stopped.exit_status
-    if process_place()[0]:
-        # Gloo's worker threads drop a finished collective's tensors a moment after the caller resumes and need the
-        # GIL to do it; a rank in interpreter shutdown then aborts ("terminate called without an active exception").
-        # Leaving without that shutdown closes the race (the logs are already closed, the output is flushed here).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+    exit_with(main)

@@ -14,15 +14,16 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import train_gpt as tg  # noqa: E402  (importing must not run main())
+from scripts import demo  # noqa: E402
 
 SCRIPT_PATH = REPO_ROOT / "train_gpt.py"
 
-# A tiny model that still has every feature on: two S4D layers, value embeddings, XSA, bigram hash, SmearGate.
+# The default architecture scaled down: S4D mixers in layers 0-1 (in place of attention), XSA on the attention
+# layers, SmearGate, U-Net skips, the tied embedding.
 TINY_ENV = {
     "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "128",
-    "TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "32", "EVAL_STRIDE": "8", "VE_LAYERS": "3", "XSA_LAST_N": "2",
-    "SSM_LAYERS": "0,1", "SSM_KERNEL_SIZE": "8", "SSM_STATE_DIM": "8", "BIGRAM_VOCAB_SIZE": "64",
-    "BIGRAM_DIM": "16", "VE_DIM": "16", "RUN_ID": "pytest",
+    "TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "32", "EVAL_STRIDE": "8", "SSM_KERNEL_SIZE": "8", "SSM_STATE_DIM": "8",
+    "RUN_ID": "pytest",
 }
 
 
@@ -96,7 +97,7 @@ def small_sp(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("small_sp")
     text = out / "text.txt"
-    text.write_text("\n".join(tg.make_demo_text(600, seed=5) + NON_ASCII_DOCS * 20), encoding="utf-8")
+    text.write_text("\n".join(demo.make_demo_text(600, seed=5) + NON_ASCII_DOCS * 20), encoding="utf-8")
     spm.SentencePieceTrainer.train(
         input=str(text), model_prefix=str(out / "small"), model_type="bpe", vocab_size=400, pad_id=0, bos_id=1,
         eos_id=2, unk_id=3, add_dummy_prefix=False, character_coverage=1.0, byte_fallback=True, num_threads=1,
@@ -106,9 +107,9 @@ def small_sp(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> Path:
-    """tg.make_demo_data once per session: demo_512_bpe.model and fineweb_{train,val}_000000.bin."""
+    """The demo's data once per session: demo_512_bpe.model and fineweb_{train,val}_000000.bin."""
     d = tmp_path_factory.mktemp("demo_data")
-    tg.make_demo_data(str(d))
+    demo.make_demo_data(d)
     return d
 
 

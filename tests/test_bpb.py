@@ -14,6 +14,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as tg
+from scripts import demo
 from conftest import NON_ASCII_DOCS
 
 BOS, EOS, PAD, UNK = 1, 2, 0, 3
@@ -91,7 +92,7 @@ def test_byte_fallback_pieces_count_one_byte_and_are_not_boundaries(sp, luts):
 
 
 def test_sum_equals_utf8_length_of_ascii_documents(sp, luts):
-    docs = tg.make_demo_text(40, seed=123)
+    docs = demo.make_demo_text(40, seed=123)
     for doc in docs:
         assert doc.isascii()
         ids = [BOS] + sp.encode(doc)
@@ -102,7 +103,7 @@ def test_sum_equals_utf8_length_of_ascii_documents(sp, luts):
 
 
 def test_prefix_byte_counts_match_decoded_prefixes(sp, luts):
-    for doc in tg.make_demo_text(5, seed=7):
+    for doc in demo.make_demo_text(5, seed=7):
         ids = sp.encode(doc)
         cum = np.cumsum(tg.target_byte_counts(np.asarray([BOS] + ids), luts))
         for k in range(1, len(ids) + 1):

@@ -3,10 +3,13 @@ and plan_windows (EVALUATION) scores every target exactly once."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import train_gpt as tg
+from scripts import demo
 from conftest import tiny_args, tiny_env
 
 
@@ -25,7 +28,7 @@ def test_non_numbers(name, value):
 
 
 @pytest.mark.parametrize("name,value", [
-    ("VOCAB_SIZE", "1"), ("VOCAB_SIZE", "65537"), ("QUANT_BITS", "9"), ("QUANT_BITS", "1"), ("ITERATIONS", "0"),
+    ("VOCAB_SIZE", "1"), ("VOCAB_SIZE", "65537"), ("QUANT_MIN_BITS", "9"), ("QUANT_UNIFORM_BITS", "9"), ("ITERATIONS", "0"),
     ("WARMDOWN_FRAC", "1.5"), ("MAX_WALLCLOCK_SECONDS", "-1"), ("MUON_MOMENTUM", "1.0"), ("EVAL_STRIDE", "-1"),
 ])
 def test_out_of_range(name, value):
@@ -35,12 +38,12 @@ def test_out_of_range(name, value):
 
 @pytest.mark.parametrize("value", ["yes", "true", "2", "", " 1"])
 def test_bool_must_be_0_or_1(value):
-    assert "SMEAR_GATE" in error_for(SMEAR_GATE=value)
+    assert "TTT_ENABLED" in error_for(TTT_ENABLED=value)
 
 
 def test_bool_values():
-    assert tiny_args(SMEAR_GATE="0").smear_gate is False
-    assert tiny_args(SMEAR_GATE="1").smear_gate is True
+    assert tiny_args(TTT_ENABLED="0").ttt_enabled is False
+    assert tiny_args(TTT_ENABLED="1").ttt_enabled is True
 
 
 def test_bad_choice():
@@ -55,20 +58,8 @@ def test_ssm_layers_out_of_range(layers):
     assert "SSM_LAYERS" in msg and "NUM_LAYERS=11" in msg
 
 
-def test_ve_layers_out_of_range():
-    assert "VE_LAYERS" in error_for(**tiny_env(VE_LAYERS="4"))
-
-
-@pytest.mark.parametrize("name", ["SSM_LAYERS", "VE_LAYERS"])
-def test_duplicate_layer(name):
-    assert name in error_for(**{name: "2,2"}, SSM_MODE="parallel")
-
-
-def test_ve_layers_on_replaced_s4d_layer():
-    msg = error_for(SSM_LAYERS="0,1", VE_LAYERS="1,9")
-    assert "VE_LAYERS" in msg and "[1]" in msg
-    # in parallel mode the S4D layer keeps its attention, so value embeddings there are fine
-    assert tg.Hyperparameters(env={"SSM_LAYERS": "0,1", "VE_LAYERS": "1,9", "SSM_MODE": "parallel"}).ve_layers == (1, 9)
+def test_duplicate_layer():
+    assert "SSM_LAYERS" in error_for(SSM_LAYERS="2,2", SSM_MODE="parallel")
 
 
 def test_model_dim_not_divisible_by_heads():
@@ -123,20 +114,22 @@ def test_defaults_are_the_competition_configuration():
     assert a.num_layers == 11 and a.model_dim == 512
     assert a.ssm_layers == (0, 1) and a.ssm_mode == "replace"
     assert a.train_batch_tokens == 786_432 and a.train_seq_len == 2048
-    assert a.max_wallclock_seconds == 600 and a.quant_bits == 5 and a.eval_stride == 64
+    assert a.max_wallclock_seconds == 600 and a.eval_stride == 64 and a.ssm_kernel == "fir"
     assert a.vocab_size == 8192 and a.eval_seq_len == 2048 and a.val_max_tokens == 0
-    assert a.quant_alloc and a.quant_target_bytes <= 16_000_000 and a.ttt_enabled
+    assert a.quant_uniform_bits == 0 and a.quant_target_bytes <= 16_000_000 and a.ttt_enabled
     assert a.values["NUM_LAYERS"] == 11 and a.values["SSM_LAYERS"] == (0, 1)
     # fractions of the run, not step counts
-    assert 0 < a.warmdown_frac <= 1 and 0 < a.muon_momentum_warmup_frac <= 1
+    assert 0 < a.warmdown_frac <= 1 and 0 < tg.MUON_MOMENTUM_WARMUP[1] <= 1
 
 
-def test_environment_beats_defaults_and_demo_defaults_are_valid():
-    demo = tg.Hyperparameters(env={}, defaults=tg.DEMO_DEFAULTS)
-    assert demo.model_dim == 128 and demo.vocab_size == 512
-    assert tg.Hyperparameters(env={"MODEL_DIM": "64"}, defaults=tg.DEMO_DEFAULTS).model_dim == 64
-    grad_accum, seqs = demo.batch_layout(1)
-    assert grad_accum * seqs * demo.train_seq_len == demo.train_batch_tokens
+def test_the_demo_knobs_are_valid_and_the_environment_wins():
+    data = Path("/demo/data")
+    args = tg.Hyperparameters(env=demo.demo_environment(data, {}))
+    assert args.model_dim == 128 and args.vocab_size == 512 and args.data_path == str(data)
+    assert args.ssm_layers == (0, 1)  # the default architecture, scaled down
+    assert tg.Hyperparameters(env=demo.demo_environment(data, {"MODEL_DIM": "64"})).model_dim == 64
+    grad_accum, seqs = args.batch_layout(1)
+    assert grad_accum * seqs * args.train_seq_len == args.train_batch_tokens
 
 
 def test_values_record_every_knob():
@@ -206,15 +199,23 @@ def test_plan_windows_rejects_a_stride_outside_the_window(stride):
         tg.plan_windows(100, 32, stride)
 
 
-def test_the_vocabulary_switches_data_tokenizer_and_shape_defaults():
+def test_the_vocabulary_picks_the_official_data_and_tokenizer():
     a = tg.Hyperparameters(env={})
     assert a.vocab_size == 8192 and a.data_path == "./data/datasets/fineweb10B_sp8192"
     assert a.tokenizer_path == "./data/tokenizers/fineweb_8192_bpe.model"
-    assert a.ve_layers == () and a.bigram_vocab_size == 0 and a.ttt_lr == 0.005
-    b = tg.Hyperparameters(env={"VOCAB_SIZE": "1024"})  # one variable brings back the sp1024 stack
+    b = tg.Hyperparameters(env={"VOCAB_SIZE": "1024"})
     assert b.data_path == "./data/datasets/fineweb10B_sp1024"
     assert b.tokenizer_path == "./data/tokenizers/fineweb_1024_bpe.model"
-    assert b.ve_layers == (9, 10) and b.bigram_vocab_size == 2048 and b.ttt_lr == 0.002
-    # the environment still wins
-    assert tg.Hyperparameters(env={"VOCAB_SIZE": "1024", "VE_LAYERS": "9"}).ve_layers == (9,)
-    assert tg.Hyperparameters(env={"BIGRAM_VOCAB_SIZE": "4096"}).bigram_vocab_size == 4096
+    assert tg.Hyperparameters(env={"VOCAB_SIZE": "1024", "DATA_PATH": "/d"}).data_path == "/d"  # the environment wins
+
+
+@pytest.mark.parametrize("name", ["QKV_CONV_SIZE", "BIGRAM_VOCAB_SIZE", "VE_LAYERS", "SSM_LR", "BETA2", "EMBED_GPTQ"])
+def test_a_deleted_knob_is_an_error_not_ignored(name):
+    assert f"unknown environment variable {name}" in error_for(**{name: "1"})
+
+
+@pytest.mark.parametrize("name,way", [("EVAL_ARTIFACT", "scripts/evaluate.py --artifact"),
+                                      ("EXPORT_CHECKPOINT", "scripts/evaluate.py --checkpoint"),
+                                      ("QUANT_ALLOC", "QUANT_UNIFORM_BITS")])
+def test_a_moved_knob_names_the_new_way(name, way):
+    assert way in error_for(**{name: "x"})

@@ -17,16 +17,17 @@ import numpy as np
 import pytest
 
 import train_gpt as tg
+from scripts import demo
 from conftest import REPO_ROOT, SCRIPT_PATH
 
 RUN_ENV = {
     "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "VOCAB_SIZE": "512",
     "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "32", "TRAIN_BATCH_TOKENS": "2048",
     "ITERATIONS": "20", "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "2", "SSM_LAYERS": "0",
-    "SSM_KERNEL_SIZE": "16", "VE_LAYERS": "1", "XSA_LAST_N": "1", "BIGRAM_VOCAB_SIZE": "128", "BIGRAM_DIM": "16",
-    "VE_DIM": "16", "GPTQ_CALIB_SEQS": "8", "VAL_MAX_TOKENS": "20000", "TTT_CHUNK_TOKENS": "8192", "RUN_ID": "e2e",
+    "SSM_KERNEL_SIZE": "16", "GPTQ_CALIB_SEQS": "8", "VAL_MAX_TOKENS": "20000", "TTT_CHUNK_TOKENS": "8192",
+    "RUN_ID": "e2e",
 }
-# data and evaluation only: in eval-only mode the artifact must supply the model's shape
+# data and evaluation only: scripts/evaluate.py takes the model's shape from the artifact or checkpoint
 EVAL_ENV = {k: RUN_ENV[k] for k in ("VOCAB_SIZE", "EVAL_SEQ_LEN", "EVAL_STRIDE", "VAL_MAX_TOKENS", "TTT_CHUNK_TOKENS")}
 EXACT = re.compile(r"^final_\w+?_(roundtrip|sliding_window|ttt)_exact val_loss:([0-9.]+) val_bpb:([0-9.]+)$", re.M)
 
@@ -49,6 +50,13 @@ HANG_TIMEOUT = 900
 def run_script(workdir: Path, env: dict[str, str], timeout: float = HANG_TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "train_gpt.py"], cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_evaluate(workdir: Path, env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess:
+    """scripts/evaluate.py with the workdir's train_gpt.py (the one whose bytes count)."""
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "evaluate.py"), *arguments,
+               "--script", str(workdir / "train_gpt.py")]
+    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
 
 
 def new_workdir(tmp_path_factory, name: str) -> Path:
@@ -87,7 +95,7 @@ def test_training_run_log(run):
     assert log.startswith("\n" + "=" * 100)  # the source comes first, then the separator
     for needle in ("step:1/20 train_loss:", "step:10/20 train_loss:", "train_summary steps:20",
                    "_roundtrip_exact val_loss:", "_sliding_window_exact val_loss:", "Total submission size ",
-                   "warmup_step:2/2", "kernel_report layer:0 kind:fir", "quant_summary alloc:1",
+                   "warmup_step:2/2", "quant_summary alloc:1",
                    "quant_tensor blocks.0.ssm.in_proj.weight bits:", "checkpoint:checkpoints/e2e.pt"):
         assert needle in log, needle
     assert "Traceback" not in run.proc.stderr
@@ -166,9 +174,8 @@ def test_an_existing_artifact_is_kept_and_announced(run):
 
 def test_eval_only_reproduces_round_trip(run, demo_data_dir, tmp_path_factory):
     workdir = new_workdir(tmp_path_factory, "e2e_eval")
-    env = clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="e2e_eval", EVAL_ARTIFACT=str(run.artifact),
-                    NUM_LAYERS="7")
-    proc = run_script(workdir, env)
+    env = clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="e2e_eval", NUM_LAYERS="7")
+    proc = run_evaluate(workdir, env, "--artifact", str(run.artifact))
     assert proc.returncode == 0, proc.stderr[-5000:]
     log = (workdir / "logs" / "e2e_eval.txt").read_text(encoding="utf-8")
     before, after = exact_lines(run.log), exact_lines(log)
@@ -190,8 +197,8 @@ def test_export_only_reproduces_the_artifact_bit_for_bit(run, demo_data_dir, tmp
     """The checkpoint holds the exported weights and the calibration statistics: exporting it again with the same
     settings gives the same bytes and scores, and other settings change the export alone."""
     workdir = new_workdir(tmp_path_factory, "e2e_export")
-    env = clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="again", EXPORT_CHECKPOINT=str(run.checkpoint))
-    proc = run_script(workdir, env)
+    env = clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="again")
+    proc = run_evaluate(workdir, env, "--checkpoint", str(run.checkpoint))
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert (workdir / "final_model.ptz").read_bytes() == run.artifact.read_bytes()
     log = (workdir / "logs" / "again.txt").read_text(encoding="utf-8").split("=" * 100, 1)[1]
@@ -202,8 +209,8 @@ def test_export_only_reproduces_the_artifact_bit_for_bit(run, demo_data_dir, tmp
     for key in ("steps", "train_time_ms", "train_plus_calibration_s", "calibration_within_wallclock", "bytes_total",
                 "pre_quant_val_loss"):
         assert facts[key] == run.facts[key], key
-    env.update(RUN_ID="uniform", QUANT_ALLOC="0", ARTIFACT_PATH="uniform.ptz")
-    proc = run_script(workdir, env)
+    env.update(RUN_ID="uniform", QUANT_UNIFORM_BITS="5", ARTIFACT_PATH="uniform.ptz")
+    proc = run_evaluate(workdir, env, "--checkpoint", str(run.checkpoint))
     assert proc.returncode == 0, proc.stderr[-5000:]
     other = json.loads((workdir / "logs" / "uniform.json").read_text(encoding="utf-8"))
     assert other["pre_quant_val_loss"] == run.facts["pre_quant_val_loss"]  # the same weights
@@ -226,8 +233,8 @@ def test_the_packed_script_runs_counts_its_own_bytes_and_holds_the_exact_source(
     again = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "pack.py"), str(SCRIPT_PATH),
                             str(workdir / "train_gpt.py")], capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert again.returncode != 0 and "exists" in again.stderr and (workdir / "train_gpt.py").read_bytes() == packed
-    env = clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="packed", EXPORT_CHECKPOINT=str(run.checkpoint))
-    proc = run_script(workdir, env)
+    env = clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="packed")
+    proc = run_evaluate(workdir, env, "--checkpoint", str(run.checkpoint))
     assert proc.returncode == 0, proc.stderr[-5000:]
     facts = json.loads((workdir / "logs" / "packed.json").read_text(encoding="utf-8"))
     assert facts["bytes_code"] == len(packed) and facts["bytes_model"] == run.facts["bytes_model"]
@@ -304,7 +311,7 @@ def test_a_tokenizer_that_did_not_make_the_shards_is_caught(demo_data_dir, tmp_p
 
     other = tmp_path_factory.mktemp("other_tokenizer")
     text = other / "text.txt"
-    docs = tg.make_demo_text(3000, seed=11)
+    docs = demo.make_demo_text(3000, seed=11)
     text.write_text("\n".join(docs + [d[::-1] for d in docs]), encoding="utf-8")  # other text, other merges
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(other / "other"), vocab_size=512,
                                    model_type="bpe", pad_id=0, bos_id=1, eos_id=2, unk_id=3,
@@ -314,10 +321,33 @@ def test_a_tokenizer_that_did_not_make_the_shards_is_caught(demo_data_dir, tmp_p
     assert "does not reproduce the validation tokens" in last and "other.model" in last
 
 
-def test_eval_artifact_pointing_nowhere_names_the_variable(demo_data_dir, tmp_path_factory):
-    env = dict(data_env(demo_data_dir), **EVAL_ENV, RUN_ID="nowhere", EVAL_ARTIFACT="/no/such/model.ptz")
-    _, last = failed_run(tmp_path_factory, "nowhere", env)
-    assert "EVAL_ARTIFACT=/no/such/model.ptz" in last and "no such file" in last
+def test_an_artifact_pointing_nowhere_is_named(demo_data_dir, tmp_path_factory):
+    workdir = new_workdir(tmp_path_factory, "nowhere")
+    proc = run_evaluate(workdir, clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="nowhere"),
+                        "--artifact", "/no/such/model.ptz")
+    last = (workdir / "logs" / "nowhere.txt").read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[-1]
+    assert proc.returncode != 0 and last.startswith("ERROR: ")
+    assert "--artifact /no/such/model.ptz" in last and "no such file" in last
+
+
+def test_arguments_are_refused_and_unpack_points_to_pack_py(demo_data_dir, tmp_path_factory):
+    """Every setting is an environment variable: `python3 train_gpt.py --unpack` (on a packed script, as one might
+    try) must not start a training run."""
+    env = dict(data_env(demo_data_dir), **dict(RUN_ENV, RUN_ID="args"))
+    workdir = new_workdir(tmp_path_factory, "args")
+    proc = subprocess.run([sys.executable, "train_gpt.py", "--unpack"], cwd=workdir, env=clean_env(**env),
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    last = (workdir / "logs" / "args.txt").read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[-1]
+    assert proc.returncode != 0 and last.startswith("ERROR: ") and "takes no arguments" in last
+    assert "scripts/pack.py --unpack" in last and "train_loss" not in proc.stdout
+
+
+def test_no_data_and_no_gpu_points_to_the_demo(tmp_path_factory):
+    workdir = new_workdir(tmp_path_factory, "nodata")
+    proc = run_script(workdir, clean_env(RUN_ID="nodata", VOCAB_SIZE="512"))
+    last = (workdir / "logs" / "nodata.txt").read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[-1]
+    assert proc.returncode != 0 and "no val shards match ./data/datasets/fineweb10B_sp512" in last
+    assert "python3 scripts/demo.py" in last
 
 
 def test_the_competition_model_on_a_cpu_stops_with_the_way_out(demo_data_dir, tmp_path_factory):
@@ -326,7 +356,7 @@ def test_the_competition_model_on_a_cpu_stops_with_the_way_out(demo_data_dir, tm
     env = dict(data_env(demo_data_dir), VOCAB_SIZE="512", RUN_ID="cpu_big", MODEL_DIM="2048", NUM_HEADS="16",
                NUM_LAYERS="32", WARMUP_STEPS="0")
     _, last = failed_run(tmp_path_factory, "cpu_big", env)
-    assert "no CUDA device" in last and "GiB" in last and "unset DATA_PATH" in last
+    assert "no CUDA device" in last and "GiB" in last and "scripts/demo.py" in last
 
 
 def test_reusing_a_run_id_keeps_the_earlier_log(demo_data_dir, tmp_path_factory):
@@ -367,5 +397,24 @@ def test_the_same_seed_gives_the_same_numbers_on_a_busy_machine(demo_data_dir, t
     assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:]
     numbers = [re.findall(r"(?:train_loss|val_loss|val_bpb):[0-9.]+", out) for out, _ in outs]
     assert len(numbers[0]) > 10 and numbers[0] == numbers[1]
-    demo = tg.Hyperparameters(env={}, defaults=tg.DEMO_DEFAULTS)
-    assert demo.max_wallclock_seconds == 0 and demo.iterations <= 100  # the demo is bounded by steps
+    knobs = tg.Hyperparameters(env=demo.demo_environment(Path("data"), {}))
+    assert knobs.max_wallclock_seconds == 0 and knobs.iterations <= 100  # the demo is bounded by steps
+
+
+def test_the_demo_is_one_command_and_keeps_its_outputs_in_its_own_folder(tmp_path_factory):
+    """The README's first command, in a fresh copy of the two files it needs (shortened by the environment, which
+    wins over the demo's knobs): data, logs, checkpoint and artifact all land under demo/, twice without loss."""
+    root = tmp_path_factory.mktemp("fresh_clone")
+    (root / "scripts").mkdir()
+    shutil.copy(SCRIPT_PATH, root / "train_gpt.py")
+    shutil.copy(REPO_ROOT / "scripts" / "demo.py", root / "scripts" / "demo.py")
+    env = clean_env(ITERATIONS="3", EVAL_STRIDE="0", TTT_ENABLED="0", VAL_MAX_TOKENS="3000", RUN_ID="demo")
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "scripts/demo.py"], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=HANG_TIMEOUT)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "final_int8_roundtrip_exact" in proc.stdout and "valid:False" in proc.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["demo", "scripts", "train_gpt.py"]
+    demo_dir = root / "demo"
+    assert {"data", "logs", "checkpoints", "final_model.ptz", "final_model.1.ptz"} <= {p.name for p in demo_dir.iterdir()}
+    assert (demo_dir / "logs" / "demo.txt").is_file() and (demo_dir / "logs" / "demo.1.txt").is_file()

@@ -43,6 +43,12 @@ def trained():
     return args, model, stats, batches
 
 
+def rtn(w: torch.Tensor, qmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain per-row rounding to the nearest level (scale = row max / qmax): what GPTQ must beat."""
+    scale = (w.abs().amax(dim=1) / qmax).clamp_min(1e-8)
+    return (w / scale[:, None]).round().clamp(-qmax[:, None], qmax[:, None]), scale
+
+
 def group_weight(model, name):
     group = next(g for g in tg.gptq_groups(model) if g[0] == name)
     state = model.state_dict()
@@ -69,7 +75,6 @@ def test_calibration_statistics_match_direct_computation(trained):
             assert [f"blocks.{i}.attn.c_q", f"blocks.{i}.attn.c_k", f"blocks.{i}.attn.c_v"] in groups
         if block.ssm is not None:
             assert f"blocks.{i}.ssm.in_proj" in names and f"blocks.{i}.ssm.out_proj" in names
-    assert {"bigram.proj", "ve_proj"} <= names and tg.lookup_tables(model) == ["bigram.embed", "ve_table"]
     # direct: inputs and output gradients of one matrix, the head's input and logit gradients, lookup counts
     fc = model.blocks[2].mlp.fc
     seen = {"x": [], "g": [], "h": [], "logit_g": []}
@@ -99,8 +104,6 @@ def test_calibration_statistics_match_direct_computation(trained):
     torch.testing.assert_close(stats["grad_energy"]["tok_emb"], L.square().sum(0), rtol=1e-4, atol=1e-9)
     ids = torch.cat([x.reshape(-1) for x, _ in batches[30:]])
     assert torch.equal(stats["counts"]["tok_emb"], torch.bincount(ids, minlength=args.vocab_size).double())
-    buckets = torch.cat([model.bigram.bucket_ids(x).reshape(-1) for x, _ in batches[30:]])
-    assert torch.equal(stats["counts"]["bigram.embed"], torch.bincount(buckets, minlength=64).double())
     assert not any(p.grad is not None for p in model.parameters())  # calibration leaves no gradients behind
     H = stats["hessians"]["blocks.2.mlp.fc"]
     assert torch.linalg.eigvalsh(H.double()).min() > -1e-6 * H.diagonal().max()
@@ -117,24 +120,6 @@ def test_calibration_sums_stay_fp32_under_autocast(trained):
 
 
 # ---------------------------------------------------------------- ranges and GPTQ
-
-
-@pytest.mark.parametrize("bits", [2, 5, 8])
-def test_quantize_rtn_range_and_clip_search(bits):
-    torch.manual_seed(bits)
-    w = torch.randn(24, 40)
-    w[3] *= 10  # rows of different magnitude get their own scale
-    w[5, 7] = 25.0  # an outlier
-    q, scale = tg.quantize_rtn(w, qmax_of(24, bits))
-    check_range(q, scale, 24, bits)
-    qmax = 2 ** (bits - 1) - 1
-    assert (q.abs().amax(dim=1) == qmax).all()  # every row uses its full range
-    # the clip search never does worse than no clipping (scale = absmax / qmax, fp16-rounded)
-    plain = (w.abs().amax(dim=1) / qmax).half().float()
-    plain_err = ((w - (w / plain[:, None]).round().clamp(-qmax, qmax) * plain[:, None]) ** 2).sum(1)
-    err = ((w - q.float() * scale.float()[:, None]) ** 2).sum(1)
-    assert (err <= plain_err + 1e-6).all()
-    assert scale[3] > 5 * scale[0]
 
 
 def test_one_solve_at_several_widths_equals_separate_solves(trained):
@@ -162,7 +147,7 @@ def test_gptq_beats_rtn_on_a_trained_layer(trained, name, bits):
     H = stats["hessians"][name]
     qmax = qmax_of(w.size(0), bits)
     q_g, s_g = tg.gptq_quantize(w, H, qmax, 16, 0.01)
-    q_r, s_r = tg.quantize_rtn(w, qmax)
+    q_r, s_r = rtn(w, qmax)
     assert hessian_error(w, q_g, s_g, H) < 0.8 * hessian_error(w, q_r, s_r, H)
 
 
@@ -176,7 +161,7 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     for bits in (4, 5):
         for block_size in (8, 128):  # blocked and single-block error feedback
             q_g, s_g = tg.gptq_quantize(w, H, qmax_of(rows, bits), block_size, 0.01)
-            q_r, s_r = tg.quantize_rtn(w, qmax_of(rows, bits))
+            q_r, s_r = rtn(w, qmax_of(rows, bits))
             check_range(q_g, s_g, rows, bits)
             assert hessian_error(w, q_g, s_g, H) < 0.5 * hessian_error(w, q_r, s_r, H)
 
@@ -211,7 +196,7 @@ def test_predicted_loss_tracks_the_measured_loss(trained):
     args, model, stats, batches = trained
     options = tg.quantize_candidates({k: v.detach().float() for k, v in model.state_dict().items()}, model, stats,
                                      tiny_args(QUANT_MIN_BITS=2, QUANT_MAX_BITS=8, LQER_RANK=0), CPU)
-    matrices = [n for g in tg.gptq_groups(model) for n in g] + ["tok_emb"] + tg.lookup_tables(model)
+    matrices = [n for g in tg.gptq_groups(model) for n in g] + ["tok_emb"]
     assert set(options) == {f"{n}.weight" for n in matrices}
     base = mean_loss(model, batches[30:])
     predicted, measured = [], []
@@ -321,8 +306,11 @@ def test_lqer_candidates_lower_the_predicted_and_the_measured_loss(trained):
             with torch.no_grad():
                 model.state_dict()[name].copy_(original)
         gains.append((plain.loss - corrected.loss, measured[0] - measured[1]))
-    big = [(p, m) for p, m in gains if p > 3e-4]  # smaller gains drown in the measurement's noise (~1e-4)
-    assert len(big) >= 5 and all(m > 0.2 * p for p, m in big), big
+    # One matrix's effect on 4 batches is measured within about 1e-3 nats at 2 bits: each large predicted gain must
+    # be measured, and the predicted gains above 3e-4 must add up to what the measurements add up to.
+    assert all(m > 0.2 * p for p, m in gains if p > 1e-2) and any(p > 1e-2 for p, _ in gains), sorted(gains)
+    big = [(p, m) for p, m in gains if p > 3e-4]
+    assert len(big) >= 5, big
     total_p, total_m = sum(p for p, _ in big), sum(m for _, m in big)
     assert total_p / 3 < total_m < total_p * 3, (total_p, total_m)
 
@@ -434,7 +422,7 @@ def test_choose_widths_prefers_the_sensitive_tensor_and_refuses_an_impossible_bu
 
 @pytest.mark.parametrize("shape,target", [
     ({}, 110_000), ({}, 140_000), ({}, 250_000), ({"MODEL_DIM": "96", "NUM_HEADS": "4"}, 250_000),
-    ({"NUM_LAYERS": "3", "SSM_LAYERS": "0", "VE_LAYERS": "2"}, 110_000), ({"VOCAB_SIZE": "256"}, 150_000)])
+    ({"NUM_LAYERS": "3", "SSM_LAYERS": "0"}, 110_000), ({"VOCAB_SIZE": "256"}, 150_000)])
 def test_allocator_lands_under_the_target(shape, target):
     """The measured total (code + serialized artifact) never exceeds QUANT_TARGET_BYTES, and what is left unspent
     is less than the cheapest upgrade still available."""
@@ -448,8 +436,7 @@ def test_allocator_lands_under_the_target(shape, target):
     widths = {c.bits for c in artifact["tensors"].values()}
     assert min(widths) >= args.quant_min_bits and max(widths) <= args.quant_max_bits
     assert lines[-1].startswith("quant_summary alloc:1") and len(lines) == len(artifact["tensors"]) + 1
-    narrowest = tg.quantize_model(model, stats, tiny_args(**shape, QUANT_ALLOC=0, QUANT_BITS=4,
-                                                          EMBED_QUANT_BITS=4), code, CPU)[0]
+    narrowest = tg.quantize_model(model, stats, tiny_args(**shape, QUANT_UNIFORM_BITS=4), code, CPU)[0]
     assert code + len(tg.serialize_artifact(narrowest)) <= total  # it spent bytes, and only where it could
     if max(widths) < args.quant_max_bits:
         assert target - total < 0.15 * target
@@ -466,35 +453,32 @@ def test_allocator_refuses_a_target_below_the_narrowest_widths(trained):
 
 def test_quantize_model_covers_every_tensor(trained):
     args, model, stats, _ = trained
-    uniform = tiny_args(QUANT_ALLOC=0)
+    uniform = tiny_args(QUANT_UNIFORM_BITS=5)
     artifact, _ = tg.quantize_model(model, stats, uniform, 1000, CPU)
     state = model.state_dict()
     assert set(artifact["tensors"]) | set(artifact["passthrough"]) == set(state)
     assert not set(artifact["tensors"]) & set(artifact["passthrough"])
-    block_matrices = {f"{n}.weight" for g in tg.gptq_groups(model) for n in g if n.startswith("blocks.")}
+    matrices = {f"{n}.weight" for g in tg.gptq_groups(model) for n in g} | {"tok_emb.weight"}
+    assert set(artifact["tensors"]) == matrices
     for name, c in artifact["tensors"].items():
-        bits = uniform.quant_bits if name in block_matrices else uniform.embed_quant_bits
-        assert c.bits == bits and c.q.shape == state[name].shape
-        check_range(c.q, c.scale, state[name].size(0), bits)
-    assert {"tok_emb.weight", "bigram.embed.weight", "bigram.proj.weight", "ve_table.weight",
-            "ve_proj.weight"} <= set(artifact["tensors"])
+        assert c.bits == 5 and c.rank == 0 and c.q.shape == state[name].shape
+        check_range(c.q, c.scale, state[name].size(0), 5)
     for name, t in artifact["passthrough"].items():
         assert t.dtype in (torch.float16, torch.float32)
         assert (t.float() - state[name]).abs().max() <= 1e-3 * state[name].abs().max()
     assert artifact["config"]["SSM_LAYERS"] == "0,1" and artifact["config"]["NUM_LAYERS"] == "4"
     assert set(artifact["config"]) == set(tg.MODEL_KEYS)
-    assert tg.artifact_tag(artifact) == "mixed"  # 5-bit matrices, 8-bit embeddings
-    assert tg.artifact_tag(tg.quantize_model(model, stats, tiny_args(QUANT_ALLOC=0, EMBED_QUANT_BITS=5), 0,
-                                             CPU)[0]) == "int5"
+    assert tg.artifact_tag(artifact) == "int5"
+    mixed = tg.quantize_model(model, stats, tiny_args(QUANT_MIN_BITS=4, QUANT_TARGET_BYTES=140_000), 20_000, CPU)[0]
+    assert len({c.bits for c in mixed["tensors"].values()}) > 1 and tg.artifact_tag(mixed) == "mixed"
 
 
 def test_passthrough_dtype():
-    assert tg.passthrough_dtype(torch.linspace(-1, 1, 100), True) == torch.float16
-    assert tg.passthrough_dtype(torch.linspace(-1, 1, 100), False) == torch.float32
-    assert tg.passthrough_dtype(torch.tensor([1e5, 1.0]), True) == torch.float32  # fp16 overflows
-    assert tg.passthrough_dtype(torch.tensor([1.0, 1.0 + 3e-3]), True) == torch.float16
-    assert tg.passthrough_dtype(torch.tensor([2048.0, 2049.0]), True) == torch.float16  # within 1e-3 of the max
-    assert tg.passthrough_dtype(torch.tensor([0.001, 2049.0, 1e4]), True) == torch.float16
+    assert tg.passthrough_dtype(torch.linspace(-1, 1, 100)) == torch.float16
+    assert tg.passthrough_dtype(torch.tensor([1e5, 1.0])) == torch.float32  # fp16 overflows
+    assert tg.passthrough_dtype(torch.tensor([1.0, 1.0 + 3e-3])) == torch.float16
+    assert tg.passthrough_dtype(torch.tensor([2048.0, 2049.0])) == torch.float16  # within 1e-3 of the max
+    assert tg.passthrough_dtype(torch.tensor([0.001, 2049.0, 1e4])) == torch.float16
 
 
 @pytest.mark.parametrize("kernel", ["fir", "s4d"])
@@ -506,7 +490,7 @@ def test_s4d_kernel_parameters_are_never_quantized_whatever_their_size(kernel):
     batches = [(torch.randint(0, args.vocab_size, (2, 32)), torch.randint(0, args.vocab_size, (2, 32)))
                for _ in range(2)]
     artifact, _ = tg.quantize_model(model, tg.collect_calibration(model, batches, CPU, False),
-                                    tiny_args(QUANT_ALLOC=0), 0, CPU)
+                                    tiny_args(QUANT_UNIFORM_BITS=5), 0, CPU)
     ssm = {n: t for n, t in model.state_dict().items() if ".ssm." in n and "proj" not in n}
     assert ssm and max(t.numel() for t in ssm.values()) > 65_536
     for name, t in ssm.items():
@@ -520,7 +504,7 @@ def test_artifact_round_trip_at_every_width(trained):
     dequantized model is the quantized one."""
     args, model, stats, batches = trained
     for bits in range(2, 9):
-        wide = tiny_args(QUANT_ALLOC=0, QUANT_BITS=bits, EMBED_QUANT_BITS=bits)
+        wide = tiny_args(QUANT_UNIFORM_BITS=bits)
         artifact, _ = tg.quantize_model(model, stats, wide, 0, CPU)
         blob = tg.serialize_artifact(artifact)
         assert blob.startswith(tg.ARTIFACT_MAGIC)
@@ -534,7 +518,7 @@ def test_artifact_round_trip_at_every_width(trained):
         state = tg.dequantize_state(back)
         for name, c in artifact["tensors"].items():
             assert torch.equal(state[name], c.q.float() * c.scale.float()[:, None])
-    # rebuild the model from the artifact's own config, as EVAL_ARTIFACT does, and load strictly
+    # rebuild the model from the artifact's own config, as scripts/evaluate.py does, and load strictly
     rebuilt_args = tg.Hyperparameters(env=dict(tiny_env(), **back["config"]))
     fresh = tg.GPT(rebuilt_args)
     fresh.load_state_dict(tg.dequantize_state(back), strict=True)
@@ -554,7 +538,7 @@ def test_more_bits_round_trip_closer(trained):
         ref = model.token_losses(x, y)
     errors = []
     for bits in (3, 8):
-        bits_args = tiny_args(QUANT_ALLOC=0, QUANT_BITS=bits)
+        bits_args = tiny_args(QUANT_UNIFORM_BITS=bits)
         fresh = tg.GPT(bits_args)
         artifact, _ = tg.quantize_model(model, stats, bits_args, 0, CPU)
         fresh.load_state_dict(tg.dequantize_state(tg.deserialize_artifact(tg.serialize_artifact(artifact))))
@@ -565,7 +549,7 @@ def test_more_bits_round_trip_closer(trained):
 
 def test_deserialize_rejects_non_artifacts(trained):
     args, model, stats, _ = trained
-    blob = tg.serialize_artifact(tg.quantize_model(model, stats, tiny_args(QUANT_ALLOC=0), 0, CPU)[0])
+    blob = tg.serialize_artifact(tg.quantize_model(model, stats, tiny_args(QUANT_UNIFORM_BITS=5), 0, CPU)[0])
     artifact = tg.deserialize_artifact(blob)
     name = next(iter(artifact["tensors"]))
     short_scales = dict(artifact, tensors=dict(artifact["tensors"]))
@@ -581,7 +565,7 @@ def test_deserialize_rejects_non_artifacts(trained):
 
 def test_an_empty_tensor_survives_the_artifact():
     """One layer leaves the U-Net no skip connection: a (0, dim) parameter, which must round-trip too."""
-    args = tiny_args(NUM_LAYERS=1, SSM_LAYERS="", VE_LAYERS="0", XSA_LAST_N=1, QUANT_ALLOC=0)
+    args = tiny_args(NUM_LAYERS=1, SSM_LAYERS="", QUANT_UNIFORM_BITS=5)
     model = tg.GPT(args)
     assert model.skip_weights.numel() == 0
     batches = [(torch.randint(0, 128, (2, 32)), torch.randint(0, 128, (2, 32)))]
