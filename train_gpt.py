@@ -17,6 +17,7 @@ import concurrent.futures
 import copy
 import difflib
 import glob
+import hashlib
 import heapq
 import json
 import lzma
@@ -351,6 +352,7 @@ class RunLog:
             what = f"interrupted ({error})" if str(error) else "interrupted"
         else:
             what = f"{type(error).__name__}: {error}"
+        what = " ".join(what.split())  # one line, so that the log's last line is the whole reason
         self(f"ERROR: {what}")
         self.update(status="failed", error=what)
 
@@ -541,6 +543,37 @@ def find_shards(data_path: str, split: str) -> list[str]:
     return files
 
 
+# Training and validation data must not overlap in content (a copied or linked validation shard, or validation
+# documents mixed into the training shards by a data-preparation default, as two excluded records had). Documents
+# are compared by a digest of their tokens; from each training shard three samples (start, middle, end) are read.
+OVERLAP_SAMPLE_TOKENS = 1 << 20
+OVERLAP_MIN_DOCUMENT_TOKENS = 32  # shorter documents ("Page not found") may recur honestly
+
+
+def document_digests(tokens: np.ndarray, bos_id: int, last_is_whole: bool) -> set[bytes]:
+    """A digest of every document (BOS to the next BOS) of at least OVERLAP_MIN_DOCUMENT_TOKENS tokens."""
+    tokens = np.ascontiguousarray(tokens, dtype="<u2")
+    starts = np.flatnonzero(tokens == bos_id)
+    ends = np.append(starts[1:], len(tokens)) if last_is_whole else starts[1:]
+    return {hashlib.blake2b(tokens[a:b].tobytes(), digest_size=16).digest() for a, b in zip(starts, ends)
+            if b - a >= OVERLAP_MIN_DOCUMENT_TOKENS}
+
+
+def val_documents_in_train(train_files: list[str], val_tokens: np.ndarray, bos_id: int) -> tuple[int, int]:
+    """(training documents checked, how many of them are validation documents), from the shards' samples."""
+    val = document_digests(val_tokens, bos_id, last_is_whole=True)
+    checked = found = 0
+    for path in train_files:
+        n = read_shard_header(path)
+        digests: set[bytes] = set()
+        for start in {0, max(0, n // 2 - OVERLAP_SAMPLE_TOKENS // 2), max(0, n - OVERLAP_SAMPLE_TOKENS)}:
+            sample = np.fromfile(path, dtype="<u2", count=min(OVERLAP_SAMPLE_TOKENS, n),
+                                 offset=SHARD_HEADER_BYTES + 2 * start)
+            digests |= document_digests(sample, bos_id, last_is_whole=False)
+        checked, found = checked + len(digests), found + len(digests & val)
+    return checked, found
+
+
 class TokenStream:
     """Reads shards in order and wraps around; take(n) returns the next n tokens."""
 
@@ -591,7 +624,10 @@ class DistributedTokenLoader:
 def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if not path.endswith(".model") or not os.path.isfile(path):
         raise FileNotFoundError(f"TOKENIZER_PATH={path} is not an existing SentencePiece .model file")
-    sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except Exception as e:  # sentencepiece's own message names neither the file nor the knob
+        raise ValueError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({str(e).splitlines()[0]})") from None
     if int(sp.vocab_size()) != vocab_size:
         raise ValueError(f"tokenizer {path} has {int(sp.vocab_size())} pieces but VOCAB_SIZE={vocab_size}")
     return sp
@@ -673,14 +709,25 @@ def load_validation(args: Hyperparameters, place: Place, log: RunLog) -> tuple[s
         log(f"WARNING: no whole validation document without <unk> among the first tokens: could not check that "
             f"TOKENIZER_PATH={args.tokenizer_path} made the shards")
     byte_counts = target_byte_counts(val_np, build_sentencepiece_luts(sp))
+    documents = int((val_np == sp.bos_id()).sum())
     val = {"tokens": torch.from_numpy(val_np.astype(np.int64)).to(place.device),
-           "target_bytes": torch.from_numpy(byte_counts).to(place.device)}
+           "target_bytes": torch.from_numpy(byte_counts).to(place.device), "documents": documents}
     log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={args.tokenizer_path} "
         f"reproduces_val_documents:{docs}")
     log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val_np.size} "
-        f"targets:{val_np.size - 1} target_bytes:{int(byte_counts.sum())}")
-    log.update(val_tokens=int(val_np.size - 1), val_bytes=int(byte_counts.sum()))
+        f"targets:{val_np.size - 1} target_bytes:{int(byte_counts.sum())} documents:{documents}")
+    log.update(val_tokens=int(val_np.size - 1), val_bytes=int(byte_counts.sum()), val_documents=documents)
     return sp, val
+
+
+def check_overlap(train_files: list[str], val: dict, bos_id: int, place: Place, log: RunLog) -> dict:
+    """How many sampled training documents are validation documents (rank 0 reads, the others skip the work)."""
+    if not place.master:
+        return {}
+    checked, found = val_documents_in_train(train_files, val["tokens"].cpu().numpy(), bos_id)
+    log(f"train_val_overlap: {found} of {checked} training documents sampled (3 x {OVERLAP_SAMPLE_TOKENS} tokens a "
+        f"shard, documents of {OVERLAP_MIN_DOCUMENT_TOKENS}+ tokens) are validation documents")
+    return {"train_documents_checked": checked, "train_documents_in_val": found}
 
 
 # -----------------------------
@@ -1344,6 +1391,7 @@ MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEAD
 CHECKPOINT_FORMAT = "s4d_xsa_checkpoint_v2"
 GPTQ_CALIB_MICRO_SEQS = 8  # calibration runs eager forward and backward passes: small batches keep memory low
 GPTQ_BLOCK_SIZE, GPTQ_DAMP = 128, 0.01  # columns per error-feedback block; damping, a share of mean(diag H)
+FP16_SMALLEST = 2.0 ** -24  # the smallest positive fp16 value: a scale below it would be stored as 0
 # Clip levels (fractions of a row's max) searched for each row's scale. A finer clip costs bits after compression,
 # and GPTQ's error feedback absorbs most of the extra rounding error of a coarse one.
 CLIP_FRACTIONS = (1.0, 0.95, 0.9)
@@ -1429,7 +1477,7 @@ def choose_row_scales(w: Tensor, qmax: Tensor, column_weight: Tensor) -> Tensor:
     best_err = torch.full_like(absmax, float("inf"))
     best = absmax / qmax
     for frac in CLIP_FRACTIONS:
-        scale = (absmax * frac / qmax).half().float().clamp_min(1e-8)
+        scale = (absmax * frac / qmax).clamp_min(FP16_SMALLEST).half().float()
         q = (w / scale[:, None]).round().clamp(-qmax[:, None], qmax[:, None])
         err = ((w - q * scale[:, None]).square() * cw).sum(dim=1)
         better = err < best_err
@@ -1815,8 +1863,9 @@ def load_checkpoint(path: str) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path}: no such file") from None
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is not a checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch's message advises loading untrusted pickles: no way out here, so it is not shown
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this script (torch.load could not read it: "
+                         f"{type(e).__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint")
     return checkpoint
@@ -1936,16 +1985,17 @@ def evaluate(token_losses, val: dict, seq_len: int, stride: int, batch_seqs: int
 
 
 def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, rank: int, world_size: int,
-                 device: torch.device, use_autocast: bool,
-                 per_target: Tensor | None = None) -> tuple[float, float, int, dict]:
+                 device: torch.device, use_autocast: bool, per_target: Tensor | None = None,
+                 before_chunk=None) -> tuple[float, float, int, dict]:
     """Score-first test-time training over sliding windows (EVAL_STRIDE). The windows are grouped in order into
     chunks of about TTT_CHUNK_TOKENS scored targets. Each chunk is scored with the current weights first; then,
     unless it is the last, every weight trains on the chunk's targets, which are all scored by then: TTT_EPOCHS
     passes of SGD (momentum 0.9, gradient norm clipped to 1, learning rate TTT_LR on a cosine over the chunks), the
     gradient summed over ranks, so every rank takes the same step. The adapted weights carry on to the next chunk
-    and across documents; nothing is reset. Before each update the ranks count the targets scored so far, and an
-    update reading any other target is counted as a violation (score_first: none). Returns (val_loss, val_bpb,
-    targets, what adapted on what)."""
+    and across documents; nothing is reset. Before each update the ranks count the targets scored so far and take
+    the largest target the update's positions read; an update reading any target not yet scored is counted as a
+    violation (score_first: none). `before_chunk(c)`, when given, is called before chunk c is scored. Returns
+    (val_loss, val_bpb, targets, what adapted on what)."""
     tokens = val["tokens"]
     num_targets = tokens.numel() - 1
     seq_len, starts, firsts = stream_windows(num_targets, args.eval_seq_len, args.eval_stride)
@@ -1960,6 +2010,8 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     updates = trained_targets = late = 0
     for c, windows in enumerate(chunks):
+        if before_chunk is not None:
+            before_chunk(c)
         mine = windows[rank_share(len(windows), rank, world_size)]
         score_windows(token_losses, val, starts[mine], firsts[mine], seq_len, args.eval_batch_seqs, device,
                       use_autocast, sums, per_target)
@@ -1969,17 +2021,19 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
         # sequences of seq_len targets ending at the chunk's end and tiling it backwards (the earliest may reach
         # into targets scored before the chunk: also already scored)
         seq_starts = [max(0, end - k * seq_len) for k in range(1, -(-(end - lo) // seq_len) + 1)]
-        # Measured, not assumed: the windows score the stream from its start without gaps, so the number of targets
-        # the ranks have scored so far is where the scored prefix ends; no target the update reads may lie beyond.
-        scored = sums[1].clone()
-        if world_size > 1:
-            dist.all_reduce(scored)
-        late += int(max(s + seq_len for s in seq_starts) > int(scored.item()))
         share = seq_starts[rank_share(len(seq_starts), rank, world_size)]
         weight = torch.zeros(seqs_per_rank, 1, device=device)
         weight[:len(share)] = 1.0 / (len(seq_starts) * seq_len)  # the chunk's mean loss, summed over ranks
         s = torch.tensor((share + [0] * seqs_per_rank)[:seqs_per_rank], device=device)
         pos = s[:, None] + offsets[None, :]
+        # Measured, not planned: the windows score the stream from its start without gaps, so the number of targets
+        # the ranks have scored so far is where the scored prefix ends. The loss below reads target p (the token at
+        # p + 1) at every position p of `pos`: the largest of them, on any rank, must lie inside that prefix.
+        scored_and_read = torch.stack((sums[1], pos.max().double()))
+        if world_size > 1:
+            dist.all_reduce(scored_and_read[:1])
+            dist.all_reduce(scored_and_read[1:], op=dist.ReduceOp.MAX)
+        late += int(scored_and_read[1] >= scored_and_read[0])
         for group in optimizer.param_groups:
             group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))  # > 0 to the end
         for _ in range(args.ttt_epochs):
@@ -2000,7 +2054,8 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
             updates += 1
         trained_targets += len(seq_starts) * seq_len
     loss, bpb, count = finish_scores(sums, num_targets, world_size, per_target)
-    facts = {"method": "score-first chunked SGD on all weights", "chunks": len(chunks), "updates": updates,
+    facts = {"method": "score-first chunked SGD on all weights", "on": "dequantized artifact", "chunks": len(chunks),
+             "updates": updates,
              "trained_targets_per_epoch": trained_targets, "chunk_tokens": args.ttt_chunk_tokens,
              "epochs": args.ttt_epochs, "lr": args.ttt_lr, "updates_on_unscored_targets": late,
              "score_first": late == 0}
@@ -2062,59 +2117,93 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
 # -----------------------------
 # VALIDITY
 # -----------------------------
-TRAINING_RULES = ("wallclock_cap_set", "train_under_600s", "calibration_within_wallclock", "no_val_data_in_training")
+# The official FineWeb validation split: the first 50,000 documents of the export, each opened by BOS. Cut to whole
+# 2048-token sequences, its targets number 62,021,632 (sp1024), 45,508,608 (sp4096) and 40,540,160 (sp8192), as
+# the records' logs print them (val_tokens, e.g. #1855); by the official byte rule it holds about 151.08M bytes
+# (#1804's canonical decode), whatever the vocabulary.
+OFFICIAL_VAL_DOCUMENTS = 50_000
+OFFICIAL_VAL_TARGETS = {1024: 62_021_632, 4096: 45_508_608, 8192: 40_540_160}
+OFFICIAL_VAL_BYTES, OFFICIAL_VAL_BYTES_TOLERANCE = 151_080_000, 0.005
+# The rules a proxy run (other GPUs, other data) breaks by design; a run's other rules are kept or broken alike.
+HARDWARE_AND_DATA_RULES = ("eight_h100", "official_validation_split")
+
+
+def official_split(m: dict) -> tuple[bool | None, str]:
+    """Whether the scored stream is the official validation split of the run's vocabulary: (verdict, why not)."""
+    if m["val_max_tokens"]:
+        return False, f"VAL_MAX_TOKENS={m['val_max_tokens']} scored a prefix of the validation split"
+    known = OFFICIAL_VAL_TARGETS.get(m["vocab_size"])
+    if known is None:
+        return None, f"no official validation split is known for VOCAB_SIZE={m['vocab_size']}"
+    docs, targets, size = m["val_documents"], m["val_tokens"], m["val_bytes"]
+    ok = (docs == OFFICIAL_VAL_DOCUMENTS and targets // 2048 * 2048 == known
+          and abs(size - OFFICIAL_VAL_BYTES) <= OFFICIAL_VAL_BYTES_TOLERANCE * OFFICIAL_VAL_BYTES)
+    return ok, (f"not the official validation split ({docs} documents, {targets} targets, {size} bytes; official: "
+                f"{OFFICIAL_VAL_DOCUMENTS} documents, {known} targets in whole 2048-token sequences, about "
+                f"{OFFICIAL_VAL_BYTES} bytes)")
 
 
 def assess_validity(m: dict) -> tuple[dict[str, bool | None], list[str]]:
-    """The competition's rules, each checked against what this run measured. Returns the flags (None: not
-    assessed, for the training rules of a run that trained nothing) and, for every rule not met, why."""
-    cap, seconds = m.get("max_wallclock_seconds"), m.get("train_plus_calibration_s")
+    """The competition's rules, each checked against what this run measured (`m`). Returns the flags (True: kept,
+    False: broken, None: not assessed, e.g. the training rules of a run that trained nothing) and, for every rule
+    broken, why."""
+    trained = m.get("train_plus_calibration_s") is not None
+    cap, seconds, checked = m.get("max_wallclock_seconds"), m.get("train_plus_calibration_s"), m.get(
+        "train_documents_checked")
+    found, device = m.get("train_documents_in_val"), m["device_name"]
     checks = {
-        "wallclock_cap_set": (cap is not None and 0 < cap <= 600,
+        "wallclock_cap_set": (cap is not None and 0 < cap <= 600 if trained else None,
                               f"MAX_WALLCLOCK_SECONDS={cap} (the cap must be set, at most 600)"),
-        "train_under_600s": (seconds is not None and seconds <= 600,
-                             f"training + calibration took {seconds or 0:.1f}s"),
-        "calibration_within_wallclock": (m.get("calibration_within_wallclock") is True,
+        "train_under_600s": (seconds <= 600 if trained else None, f"training + calibration took {seconds or 0:.1f}s"),
+        "calibration_within_wallclock": (m.get("calibration_within_wallclock") is True if trained else None,
                                          "calibration not inside the training clock"),
-        "no_val_data_in_training": (m.get("train_files_disjoint_from_val") is True,
-                                    "training shards not shown disjoint from the validation shards"),
-        "full_validation_split": (m["val_max_tokens"] == 0,
-                                  f"VAL_MAX_TOKENS={m['val_max_tokens']} scores a prefix of the validation split"),
+        "no_val_data_in_training": (found == 0 if trained and checked else None,
+                                    f"{found} of {checked} sampled training documents are validation documents"),
+        "official_validation_split": official_split(m),
+        "eight_h100": (m["world_size"] == 8 and "H100" in device, f"ran on {m['world_size']}x {device}, not 8x H100"),
         "eval_under_600s": (m["eval_seconds"] <= 600, f"evaluation took {m['eval_seconds']:.1f}s"),
         "artifact_under_16mb": (m["bytes_total"] <= SIZE_LIMIT_BYTES,
                                 f"code + artifact {m['bytes_total']} bytes > {SIZE_LIMIT_BYTES}"),
-        "score_first": (m["score_first"], "an update saw validation tokens before they were scored"),
+        "score_first": (m["score_first"], "an update read validation targets before they were scored"),
+        "finite_score": (math.isfinite(m["val_loss"]) and math.isfinite(m["val_bpb"]),
+                         f"the score is not finite (val_loss {m['val_loss']})"),
     }
-    trained = seconds is not None  # else an evaluation-only run: its training is not assessed, so it is not valid
-    flags = {name: bool(ok) if trained or name not in TRAINING_RULES else None for name, (ok, _) in checks.items()}
-    broken = [why for name, (ok, why) in checks.items() if flags[name] is False]
-    if not trained:
-        broken.append(f"not assessed in this run (nothing trained): {', '.join(TRAINING_RULES)}")
-    return flags, broken
+    flags = {name: None if ok is None else bool(ok) for name, (ok, _) in checks.items()}
+    return flags, [why for name, (_, why) in checks.items() if flags[name] is False]
 
 
 def record_verdict(training: dict, results: dict, args: Hyperparameters, code: bytes, blob: bytes, place: Place,
-                   log: RunLog) -> int:
+                   val: dict, log: RunLog) -> int:
     """The run's facts: scores, sizes, timings and the validity flags, all from what this run measured (`training`:
-    the training facts, empty for a run that trained nothing). Returns the exit status: 1 over the size cap (the
-    run is not a submission), 0 otherwise."""
+    the training facts, empty for a run that trained nothing). `valid` only when every rule was assessed and kept;
+    `valid_except_hardware_and_data` says whether every rule that does not depend on the GPUs or the data was, so
+    proxy runs stay comparable. Returns the exit status: 1 over the size cap (not a submission), 0 otherwise."""
     headline = results.get("ttt", results.get("sliding_window", results["roundtrip"]))
     eval_seconds = sum(r["eval_seconds"] for r in results.values())
     sizes = submission_bytes(code, blob)
-    measured = dict(training, val_max_tokens=args.val_max_tokens, eval_seconds=eval_seconds,
-                    bytes_total=sizes["bytes_total"], score_first=results.get("ttt", {}).get("score_first", True))
+    device = torch.cuda.get_device_name(place.device) if place.cuda else "CPU"
+    measured = dict(training, val_max_tokens=args.val_max_tokens, vocab_size=args.vocab_size,
+                    val_documents=val["documents"], val_tokens=val["tokens"].numel() - 1,
+                    val_bytes=int(val["target_bytes"].sum()), world_size=place.world_size, device_name=device,
+                    eval_seconds=eval_seconds, bytes_total=sizes["bytes_total"], val_loss=headline["val_loss"],
+                    val_bpb=headline["val_bpb"], score_first=results.get("ttt", {}).get("score_first", True))
     flags, broken = assess_validity(measured)
+    not_assessed = [name for name, ok in flags.items() if ok is None]
+    valid = not broken and not not_assessed
+    apart = all(ok is True for name, ok in flags.items() if name not in HARDWARE_AND_DATA_RULES)
     cal = (f"{training['calibration_seqs']} training sequences, {training['calibration_ms']:.0f} ms, "
            f"{'inside' if training['calibration_within_wallclock'] else 'outside'} the training wall clock"
            if training else "not part of this run")
     ttt = f"{results['ttt']['method']}, each chunk scored before training on it" if "ttt" in results else "none"
-    device = torch.cuda.get_device_name(place.device) if place.cuda else "CPU"
     log.update(status="evaluated", val_loss=headline["val_loss"], val_bpb=headline["val_bpb"], results=results,
-               eval_time_seconds=eval_seconds, **sizes, valid=not broken, broken_rules=broken,
+               eval_time_seconds=eval_seconds, **sizes, valid=valid, valid_except_hardware_and_data=apart,
+               broken_rules=broken, not_assessed=not_assessed,
                compliance=dict(flags, calibration=cal, test_time_adaptation=ttt),
                hardware=f"{place.world_size}x {device}", pytorch_version=torch.__version__,
                config={k: env_string(v) for k, v in args.values.items()})
-    log(f"submission_facts:{log.json} valid:{not broken}" + (f" broke: {'; '.join(broken)}" if broken else ""))
+    log(f"valid_except_hardware_and_data:{apart} (every rule but {' and '.join(HARDWARE_AND_DATA_RULES)})")
+    log(f"submission_facts:{log.json} valid:{valid}" + (f" broke: {'; '.join(broken)}" if broken else "")
+        + (f"{';' if broken else ''} not assessed: {', '.join(not_assessed)}" if not_assessed else ""))
     if not sizes["under_limit"]:
         log(f"ERROR: total submission size {sizes['bytes_total']} bytes exceeds {SIZE_LIMIT_BYTES}: "
             f"this run is NOT a valid submission")
@@ -2143,15 +2232,15 @@ def main() -> int:
         # Data: the validation tokens with each target's official byte count, and the training shards.
         sp, val = load_validation(args, place, log)
         train_files = find_shards(args.data_path, "train")
-        val_files = {os.path.realpath(f) for f in find_shards(args.data_path, "val")}
-        disjoint = not val_files & {os.path.realpath(f) for f in train_files}
-        log(f"train_loader:dataset:{args.data_path} train_shards:{len(train_files)}")
+        log(f"train_loader:dataset:{args.data_path} train_shards:{len(train_files)} "
+            f"tokens:{sum(read_shard_header(f) for f in train_files)}")
+        overlap = check_overlap(train_files, val, sp.bos_id(), place, log)
 
         # Model, then training and calibration inside one wall clock; the checkpoint keeps what export reads.
         model, token_losses = build_model(args, sp.bos_id(), place, log, training=True)
         loader, facts = train_model(model, args, place, train_files, log, launch,
                                     lambda: timed_evaluate(token_losses, val, args, args.eval_seq_len, place)[:2])
-        stats, facts = calibrate(model, loader, args, place, log, dict(facts, train_files_disjoint_from_val=disjoint))
+        stats, facts = calibrate(model, loader, args, place, log, dict(facts, **overlap))
         log.update(**facts)
         save_checkpoint(make_checkpoint(model, stats, args, facts), args.checkpoint_path, place, log)
 
@@ -2160,7 +2249,7 @@ def main() -> int:
         blob = export_artifact(model, stats, args, code, place, log)
         artifact = deserialize_artifact(blob, args.artifact_path)
         results = final_evaluation(model, artifact, token_losses, val, args, place, log)
-        status = record_verdict(facts, results, args, code, blob, place, log)
+        status = record_verdict(facts, results, args, code, blob, place, val, log)
     except BaseException as error:
         log.fail(error)
         raise

@@ -77,7 +77,7 @@ def main(tg, options: argparse.Namespace) -> int:
             blob = tg.export_artifact(model, source["stats"], args, code, place, log)
             source = tg.deserialize_artifact(blob, args.artifact_path)
         results = tg.final_evaluation(model, source, token_losses, val, args, place, log)
-        status = tg.record_verdict(training, results, args, code, blob, place, log)
+        status = tg.record_verdict(training, results, args, code, blob, place, val, log)
     except BaseException as error:
         log.fail(error)
         raise

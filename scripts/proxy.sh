@@ -5,7 +5,7 @@
 #   p360 GPU RUN_ID [VAR=VALUE...]     quality: 360 s of training at the competition batch (786,432 tokens/step)
 #   p150 GPU RUN_ID [VAR=VALUE...]     the same at 150 s and 131,072 tokens/step (a short horizon)
 #   s786 GPU RUN_ID [VAR=VALUE...]     throughput: 40 steps at the competition shape, no evaluation to speak of
-#   again GPU RUN_ID CKPT [VAR=...]    export a saved checkpoint again (EXPORT_CHECKPOINT) and evaluate it: export
+#   again GPU RUN_ID CKPT [VAR=...]    export a saved checkpoint again (scripts/evaluate.py) and evaluate it: export
 #                                      and evaluation variants on the same trained weights
 # VOCAB_SIZE=1024 among the VAR=VALUE pairs selects the sp1024 data (the script's default is 8192). Each run writes logs/RUN_ID.{txt,json}, which
 # are then packed into $OUT/logs.tgz (when $OUT is set). A run is stopped after $LIMIT seconds (default 590).
@@ -35,7 +35,7 @@ _run() {  # GPU RUN_ID VAR=VALUE...: one run under the time limit, then its logs
     local gpu=$1 run_id=$2; shift 2
     env CUDA_VISIBLE_DEVICES="$gpu" RUN_ID="$run_id" ARTIFACT_PATH="/tmp/$run_id.ptz" \
         CHECKPOINT_PATH="/tmp/ckpt/$run_id.pt" $(_data_for "$@") "$@" \
-        timeout "${LIMIT:-590}" python3 "${SCRIPT:-train_gpt.py}" > "/tmp/$run_id.out" 2>&1
+        timeout "${LIMIT:-590}" python3 ${PROGRAM:-${SCRIPT:-train_gpt.py}} > "/tmp/$run_id.out" 2>&1
     echo "$run_id exit $? $(grep -h '^submission_facts\|^ERROR' "logs/$run_id.txt" 2>/dev/null | cut -c1-200)"
     if [ -n "$OUT" ]; then  # every log written since this file was sourced
         (flock 9; find logs -newer /tmp/proxy.start -type f | tar czf "$OUT/logs.tgz" -T -) 9>/tmp/out.lock
@@ -49,4 +49,5 @@ p150() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" MAX_WALLCLOCK_SECONDS=15
 s786() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" ITERATIONS=40 WARMUP_STEPS=3 MAX_WALLCLOCK_SECONDS=0 \
     TRAIN_BATCH_TOKENS=786432 TRAIN_SEQ_LEN=2048 TRAIN_LOG_EVERY=10 VAL_MAX_TOKENS=131072 EVAL_STRIDE=0 \
     TTT_ENABLED=0 CHECKPOINT_PATH= "$@"; }
-again() { local gpu=$1 id=$2 ckpt=$3; shift 3; _run "$gpu" "$id" EXPORT_CHECKPOINT="$ckpt" "$@"; }
+again() { local gpu=$1 id=$2 ckpt=$3; shift 3
+    PROGRAM="scripts/evaluate.py --checkpoint $ckpt --script ${SCRIPT:-train_gpt.py}" _run "$gpu" "$id" "$@"; }

@@ -142,6 +142,11 @@ def test_load_tokenizer_not_a_model_file(small_sp, tmp_path):
         tg.load_tokenizer(str(other), 400)
     with pytest.raises(FileNotFoundError):
         tg.load_tokenizer(str(tmp_path), 400)  # a directory
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"this is not a SentencePiece model\n" * 10)
+    with pytest.raises(ValueError, match=f"TOKENIZER_PATH={garbage} is not a SentencePiece model") as exc:
+        tg.load_tokenizer(str(garbage), 400)
+    assert "\n" not in str(exc.value)
 
 
 # ---------------------------------------------------------------- evaluate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -193,3 +194,51 @@ def test_write_rejects_ids_outside_uint16(tmp_path):
         with pytest.raises(ValueError, match="uint16"):
             tg.write_data_shard(tmp_path / "fineweb_train_000000.bin", bad)
     assert not (tmp_path / "fineweb_train_000000.bin").exists()
+
+
+# ---------------------------------------------------------------- training data must not hold validation documents
+
+
+def documents(seed: int, n: int, bos: int = 1) -> np.ndarray:
+    """n BOS-opened documents of 40-120 random tokens."""
+    rng = np.random.default_rng(seed)
+    return np.concatenate([np.concatenate(([bos], rng.integers(4, 500, rng.integers(40, 120)))) for _ in range(n)])
+
+
+def test_overlap_of_disjoint_data_is_zero(tmp_path):
+    val = documents(1, 50)
+    train = [str(shard(tmp_path / f"fineweb_train_{i:06d}.bin", documents(10 + i, 300))) for i in range(2)]
+    checked, found = tg.val_documents_in_train(train, val, bos_id=1)
+    assert found == 0 and checked >= 2 * 290  # every whole document of both shards (the last of each is cut)
+
+
+@pytest.mark.parametrize("how", ["copy", "hard link", "mixed in"])
+def test_validation_documents_among_the_training_shards_are_found(tmp_path, how):
+    """A copied or linked validation shard, or validation documents mixed into a training shard (as a
+    data-preparation default once did), is caught by content, not by path."""
+    val = documents(1, 50)
+    val_path = shard(tmp_path / "fineweb_val_000000.bin", val)
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    clean = shard(train_dir / "fineweb_train_000000.bin", documents(10, 300))
+    leaked = train_dir / "fineweb_train_000001.bin"
+    if how == "copy":
+        leaked.write_bytes(val_path.read_bytes())
+    elif how == "hard link":
+        os.link(val_path, leaked)
+    else:
+        shard(leaked, np.concatenate((documents(11, 100), val[val.tolist().index(1, 500):], documents(12, 100))))
+    checked, found = tg.val_documents_in_train([str(clean), str(leaked)], tg.load_data_shard(val_path).numpy(), 1)
+    assert found >= 10 and checked > found
+
+
+def test_the_overlap_check_samples_a_long_shard_at_its_start_middle_and_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(tg, "OVERLAP_SAMPLE_TOKENS", 2000)
+    val = documents(1, 30)
+    filler = [documents(20 + i, 100) for i in range(6)]
+    for where in range(3):  # the leaked documents sit at the start, in the middle or at the end of the shard
+        parts = list(filler)
+        parts.insert([0, 3, 6][where], val)
+        path = shard(tmp_path / f"fineweb_train_{where:06d}.bin", np.concatenate(parts))
+        checked, found = tg.val_documents_in_train([str(path)], val, 1)
+        assert found >= 5 and checked < 100, (where, checked, found)  # a few samples, not the whole shard

@@ -133,26 +133,37 @@ def test_facts_json(run):
     assert f["results"]["ttt"]["val_bpb"] == pytest.approx(ttt_bpb, abs=1e-8)  # the last pass is the headline
     assert f["results"]["ttt"]["score_first"] is True and f["results"]["ttt"]["chunks"] == 3
     assert f["compliance"]["test_time_adaptation"].startswith("score-first")
+    assert f["results"]["ttt"]["on"] == "dequantized artifact"
+    # every pass's seconds count, TTT's included
+    assert f["eval_time_seconds"] == pytest.approx(sum(r["eval_seconds"] for r in f["results"].values()), abs=1e-9)
+    assert f["eval_time_seconds"] > f["results"]["ttt"]["eval_seconds"] > 0
     assert re.search(r"^ttt: every weight adapted .* 3 chunks .* updates on targets not yet scored: 0 "
                      r"score_first:True$", run.body, re.M)
     assert f["results"]["roundtrip"]["val_bpb"] == pytest.approx(rt_bpb, abs=1e-8)
     assert f["results"]["sliding_window"]["val_bpb"] == pytest.approx(sw_bpb, abs=1e-8)
-    assert f["val_tokens"] == 20000 - 1
-    # validity is what this run measured: no wall-clock cap and a prefix of the validation split break two rules
+    assert f["val_tokens"] == 20000 - 1 and f["val_documents"] > 10
+    # validity is what this run measured: no wall-clock cap, a prefix of the validation split and a CPU break rules
     c = f["compliance"]
     assert c["artifact_under_16mb"] is f["under_limit"] is True
     assert c["eval_under_600s"] is (f["eval_time_seconds"] <= 600) is True
     assert c["train_under_600s"] is (f["train_plus_calibration_s"] <= 600) is True
-    assert c["no_val_data_in_training"] is f["train_files_disjoint_from_val"] is True
-    assert c["score_first"] is True
-    assert c["wallclock_cap_set"] is False and c["full_validation_split"] is False
+    assert c["no_val_data_in_training"] is True and f["train_documents_in_val"] == 0
+    assert f["train_documents_checked"] > 1000
+    assert re.search(r"^train_val_overlap: 0 of \d+ training documents sampled", run.body, re.M)
+    assert c["score_first"] is True and c["finite_score"] is True
+    assert c["wallclock_cap_set"] is False and c["official_validation_split"] is False and c["eight_h100"] is False
     assert c["calibration_within_wallclock"] is f["calibration_within_wallclock"] is False
     assert "outside the training wall clock" in c["calibration"]
-    assert f["valid"] is False and len(f["broken_rules"]) == 3
+    assert f["valid"] is False and len(f["broken_rules"]) == 4 and f["not_assessed"] == []
     assert any("VAL_MAX_TOKENS=20000" in why for why in f["broken_rules"])
     assert any("MAX_WALLCLOCK_SECONDS=0" in why for why in f["broken_rules"])
+    assert any("ran on 1x CPU, not 8x H100" in why for why in f["broken_rules"])
     line = re.search(r"^submission_facts:\S+ valid:(\w+)(.*)$", run.body, re.M)
     assert line.group(1) == "False" and "broke: " in line.group(2) and "VAL_MAX_TOKENS=20000" in line.group(2)
+    assert run.body.rstrip("\n").rsplit("\n", 1)[-1] == line.group(0)  # the verdict is the log's last line
+    # the rules that hold on any hardware and data are told apart: here two of them are broken
+    assert f["valid_except_hardware_and_data"] is False
+    assert "valid_except_hardware_and_data:False" in run.body
     assert f["config"]["ITERATIONS"] == "20" and f["config"]["SSM_LAYERS"] == "0"
     # bpb = loss / ln 2 * tokens / bytes, with the logged token and byte counts
     assert sw_bpb == pytest.approx(sw_loss / math.log(2) * f["val_tokens"] / f["val_bytes"], rel=1e-6)
@@ -189,7 +200,8 @@ def test_eval_only_reproduces_round_trip(run, demo_data_dir, tmp_path_factory):
     facts = json.loads((workdir / "logs" / "e2e_eval.json").read_text(encoding="utf-8"))
     assert facts["status"] == "evaluated" and facts["bytes_total"] == run.facts["bytes_total"]
     assert facts["results"]["roundtrip"]["val_bpb"] == run.facts["results"]["roundtrip"]["val_bpb"]
-    assert facts["valid"] is False and any("not assessed" in why for why in facts["broken_rules"])
+    assert facts["valid"] is False and "train_under_600s" in facts["not_assessed"]
+    assert not any("train" in why for why in facts["broken_rules"])  # not assessed is not broken
     assert facts["compliance"]["train_under_600s"] is None and facts["compliance"]["artifact_under_16mb"] is True
 
 
@@ -328,6 +340,18 @@ def test_an_artifact_pointing_nowhere_is_named(demo_data_dir, tmp_path_factory):
     last = (workdir / "logs" / "nowhere.txt").read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[-1]
     assert proc.returncode != 0 and last.startswith("ERROR: ")
     assert "--artifact /no/such/model.ptz" in last and "no such file" in last
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b"PK\x03\x04" + bytes(100)])
+def test_a_corrupt_checkpoint_gets_one_line_naming_it(demo_data_dir, tmp_path_factory, content):
+    workdir = new_workdir(tmp_path_factory, "corrupt")
+    bad = workdir / "bad.pt"
+    bad.write_bytes(content)
+    proc = run_evaluate(workdir, clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="corrupt"),
+                        "--checkpoint", str(bad))
+    last = (workdir / "logs" / "corrupt.txt").read_text(encoding="utf-8").rstrip("\n").rsplit("\n", 1)[-1]
+    assert proc.returncode != 0 and last.startswith("ERROR: ValueError: checkpoint ") and str(bad) in last
+    assert "is not a checkpoint of this script" in last and "weights_only" not in last
 
 
 def test_arguments_are_refused_and_unpack_points_to_pack_py(demo_data_dir, tmp_path_factory):

@@ -122,6 +122,21 @@ def test_calibration_sums_stay_fp32_under_autocast(trained):
 # ---------------------------------------------------------------- ranges and GPTQ
 
 
+def test_row_scales_of_tiny_rows_stay_positive_in_fp16():
+    """A row of tiny weights (or zeros) must not get a scale that rounds to 0 in fp16: the quantizer divides by it
+    and the artifact stores it."""
+    w = torch.randn(6, 16)
+    w[1] = 1e-9
+    w[2] = 0.0
+    w[3] *= 1e-6
+    H = torch.eye(16)
+    for bits in (4, 8):
+        q, scale = tg.gptq_quantize(w, H, qmax_of(6, bits))
+        check_range(q, scale, 6, bits)
+        restored = q.float() * scale.float()[:, None]
+        assert torch.isfinite(restored).all() and (restored - w).abs().max() < 0.5
+
+
 def test_one_solve_at_several_widths_equals_separate_solves(trained):
     """Rows are independent in GPTQ: stacking a matrix at widths 3..8 in one solve gives, for each width, exactly
     what a solve at that width alone gives. This is what lets the export try every width at the cost of one."""

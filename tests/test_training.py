@@ -107,13 +107,15 @@ def test_ema_holds_the_average_of_the_weights():
 # ---------------------------------------------------------------- validity
 
 GOOD = {"max_wallclock_seconds": 600.0, "train_plus_calibration_s": 599.2, "calibration_within_wallclock": True,
-        "train_files_disjoint_from_val": True, "val_max_tokens": 0, "eval_seconds": 412.0,
-        "bytes_total": 15_990_000, "score_first": True}
+        "train_documents_checked": 240_000, "train_documents_in_val": 0, "val_max_tokens": 0, "vocab_size": 8192,
+        "val_documents": 50_000, "val_tokens": 40_540_160 + 1234, "val_bytes": 151_000_000, "world_size": 8,
+        "device_name": "NVIDIA H100 80GB HBM3", "eval_seconds": 412.0, "bytes_total": 15_990_000, "score_first": True,
+        "val_loss": 2.75, "val_bpb": 1.06}
 
 
 def test_a_run_that_keeps_every_rule_is_valid():
     flags, broken = tg.assess_validity(GOOD)
-    assert broken == [] and all(flags.values()) and len(flags) == 8
+    assert broken == [] and all(ok is True for ok in flags.values()) and len(flags) == 10
 
 
 @pytest.mark.parametrize("change,flag,reason", [
@@ -122,30 +124,79 @@ def test_a_run_that_keeps_every_rule_is_valid():
     ({"max_wallclock_seconds": None}, "wallclock_cap_set", "MAX_WALLCLOCK_SECONDS=None"),
     ({"train_plus_calibration_s": 600.5}, "train_under_600s", "600.5s"),
     ({"calibration_within_wallclock": False}, "calibration_within_wallclock", "calibration"),
-    ({"train_files_disjoint_from_val": False}, "no_val_data_in_training", "disjoint"),
-    ({"val_max_tokens": 131072}, "full_validation_split", "VAL_MAX_TOKENS=131072"),
+    ({"train_documents_in_val": 3}, "no_val_data_in_training", "3 of 240000 sampled training documents"),
+    ({"val_max_tokens": 131072}, "official_validation_split", "VAL_MAX_TOKENS=131072"),
+    ({"val_documents": 49_999}, "official_validation_split", "49999 documents"),
+    ({"val_tokens": 40_540_160 - 1}, "official_validation_split", "40540160 targets in whole 2048-token sequences"),
+    ({"val_tokens": 300_000}, "official_validation_split", "300000 targets"),
+    ({"val_bytes": 9_774_711}, "official_validation_split", "9774711 bytes"),
+    ({"vocab_size": 1024}, "official_validation_split", "62021632 targets"),
+    ({"world_size": 1}, "eight_h100", "ran on 1x NVIDIA H100"),
+    ({"device_name": "NVIDIA H200"}, "eight_h100", "8x NVIDIA H200, not 8x H100"),
     ({"eval_seconds": 600.1}, "eval_under_600s", "600.1s"),
     ({"bytes_total": 16_000_001}, "artifact_under_16mb", "16000001 bytes"),
     ({"score_first": False}, "score_first", "before they were scored"),
+    ({"val_bpb": float("nan")}, "finite_score", "not finite"),
+    ({"val_loss": float("inf")}, "finite_score", "not finite"),
 ])
 def test_each_rule_is_checked(change, flag, reason):
     flags, broken = tg.assess_validity(dict(GOOD, **change))
-    assert [name for name, ok in flags.items() if not ok] == [flag]
-    assert len(broken) == 1 and reason in broken[0]
+    assert [name for name, ok in flags.items() if ok is not True] == [flag]
+    assert flags[flag] is False and len(broken) == 1 and reason in broken[0], broken
 
 
-def test_a_run_that_trained_nothing_is_not_assessed_and_not_valid():
-    flags, broken = tg.assess_validity({k: v for k, v in GOOD.items() if k in (
-        "val_max_tokens", "eval_seconds", "bytes_total", "score_first")})
-    assert {name for name, ok in flags.items() if ok is None} == set(tg.TRAINING_RULES)
-    assert all(flags[name] for name in flags if name not in tg.TRAINING_RULES)
-    assert len(broken) == 1 and "not assessed" in broken[0]
+def test_the_official_split_of_each_known_vocabulary():
+    """The records' logs give the targets cut to whole 2048-token sequences; the raw count is a little larger."""
+    for vocab, targets in tg.OFFICIAL_VAL_TARGETS.items():
+        for extra in (0, 1, 2047):
+            flags, _ = tg.assess_validity(dict(GOOD, vocab_size=vocab, val_tokens=targets + extra))
+            assert flags["official_validation_split"] is True, (vocab, extra)
+        assert tg.assess_validity(dict(GOOD, vocab_size=vocab, val_tokens=targets + 2048))[0][
+            "official_validation_split"] is False
+    assert tg.assess_validity(dict(GOOD, val_bytes=151_080_000 * 1.01))[0]["official_validation_split"] is False
+
+
+def test_what_was_not_assessed_is_not_called_broken():
+    """A run that trained nothing has its training rules not assessed (None), and so does a vocabulary without a
+    known official split: neither is listed as broken."""
+    trained_nothing = {k: v for k, v in GOOD.items() if k not in (
+        "max_wallclock_seconds", "train_plus_calibration_s", "calibration_within_wallclock", "train_documents_checked",
+        "train_documents_in_val")}
+    flags, broken = tg.assess_validity(dict(trained_nothing, vocab_size=512))
+    assert {name for name, ok in flags.items() if ok is None} == {
+        "wallclock_cap_set", "train_under_600s", "calibration_within_wallclock", "no_val_data_in_training",
+        "official_validation_split"}
+    assert broken == [] and all(ok for ok in flags.values() if ok is not None)
+    assert tg.assess_validity(dict(GOOD, train_documents_checked=0))[0]["no_val_data_in_training"] is None
 
 
 def test_limits_are_inclusive():
     flags, broken = tg.assess_validity(dict(GOOD, train_plus_calibration_s=600.0, eval_seconds=600.0,
                                             bytes_total=16_000_000))
     assert broken == []
+
+
+def test_training_ends_holding_the_ema_weights(tmp_path, monkeypatch):
+    """The exported weights are the EMA's: train_model returns a model whose parameters equal the EMA's shadow,
+    not the last step's raw weights."""
+    run, files = tiny_run(tmp_path, ITERATIONS="6", WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0",
+                          EMA_HORIZON_FRAC="0.5")
+    seen = {}
+
+    class Spy(tg.ExponentialMovingAverage):
+        def copy_to_model(self) -> None:
+            seen["raw"] = [p.detach().clone() for p in self.params]
+            seen["shadow"] = [s.clone() for s in self.shadow]
+            super().copy_to_model()
+
+    monkeypatch.setattr(tg, "ExponentialMovingAverage", Spy)
+    torch.manual_seed(0)
+    model = tg.GPT(run.args)
+    tg.train_model(model, run.args, CPU_PLACE, files, lambda *a, **k: None, 0.0, None)
+    assert seen, "the EMA was never copied into the model"
+    params = list(model.parameters())
+    assert all(torch.equal(p, s) for p, s in zip(params, seen["shadow"]))
+    assert any(not torch.equal(p, r) for p, r in zip(params, seen["raw"]))  # an average, not the last step
 
 
 # ---------------------------------------------------------------- knob typos
