@@ -7,6 +7,8 @@
 #   s786 GPU RUN_ID [VAR=VALUE...]     throughput: 40 steps at the competition shape, no evaluation to speak of
 #   again GPU RUN_ID CKPT [VAR=...]    export a saved checkpoint again (scripts/evaluate.py) and evaluate it: export
 #                                      and evaluation variants on the same trained weights
+#   rescore GPU RUN_ID PTZ [VAR=...]   score a saved artifact again (scripts/evaluate.py): evaluation variants (TTT,
+#                                      context) on the same artifact
 # VOCAB_SIZE=1024 among the VAR=VALUE pairs selects the sp1024 data (the script's default is 8192). Each run writes logs/RUN_ID.{txt,json}, which
 # are then packed into $OUT/logs.tgz (when $OUT is set). A run is stopped after $LIMIT seconds (default 590).
 # SCRIPT=other.py runs another revision of the script, for an A/B of two revisions.
@@ -51,3 +53,5 @@ s786() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" ITERATIONS=40 WARMUP_STE
     TTT_ENABLED=0 CHECKPOINT_PATH= "$@"; }
 again() { local gpu=$1 id=$2 ckpt=$3; shift 3
     PROGRAM="scripts/evaluate.py --checkpoint $ckpt --script ${SCRIPT:-train_gpt.py}" _run "$gpu" "$id" "$@"; }
+rescore() { local gpu=$1 id=$2 artifact=$3; shift 3
+    PROGRAM="scripts/evaluate.py --artifact $artifact --script ${SCRIPT:-train_gpt.py}" _run "$gpu" "$id" "$@"; }
