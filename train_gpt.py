@@ -63,10 +63,14 @@ OWNED_PREFIXES = (
     "ITERATION", "SEED", "VOCAB", "ARTIFACT_", "TOKENIZER_", "DATA_PATH", "CHECKPOINT_", "EXPORT_", "PASSTHROUGH_",
     "TTT_", "PRE_EXPORT", "LQER_",
 )
-# Knobs whose work moved: naming the new way beats "unknown variable".
+# Knobs whose work moved, and knobs deleted after their features lost their measurements (logs/README.md, v13):
+# naming what happened beats "unknown variable" or a near miss ("SSM_LR: did you mean SSM_LAYERS?").
 MOVED_KNOBS = {"EVAL_ARTIFACT": "python3 scripts/evaluate.py --artifact PATH",
                "EXPORT_CHECKPOINT": "python3 scripts/evaluate.py --checkpoint PATH",
-               "QUANT_ALLOC": "QUANT_UNIFORM_BITS=N (0: widths by sensitivity)"}
+               "QUANT_ALLOC": "QUANT_UNIFORM_BITS=N (0: widths by sensitivity)", "QUANT_BITS": "QUANT_UNIFORM_BITS=N",
+               "EMBED_QUANT_BITS": "QUANT_UNIFORM_BITS=N", "SSM_LR": "SCALAR_LR (the S4D kernels' rate)"}
+DELETED_KNOBS = ("QKV_CONV_SIZE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "VE_LAYERS", "VE_DIM", "EMBED_GPTQ",
+                 "PASSTHROUGH_FP16", "PRE_EXPORT_SLIDING", "EMA_ENABLED", "SMEAR_GATE")
 # Variables of the launcher (torchrun), the accelerator stack and the shell are never knobs, however close to one
 # they are spelled. Any other variable within a typo's distance of a knob is an error.
 FOREIGN_PREFIXES = (
@@ -262,6 +266,8 @@ class Hyperparameters:
                 continue
             if name in MOVED_KNOBS:
                 raise ValueError(f"{name} is no knob any more: use {MOVED_KNOBS[name]}")
+            if name in DELETED_KNOBS:
+                raise ValueError(f"{name} was deleted with its feature, which lost its measurements (logs/README.md)")
             near = [k for k in known if looks_like_typo(name.upper(), k)]  # ttt_lr too
             if near or name.startswith(OWNED_PREFIXES):
                 hint = near or difflib.get_close_matches(name, known, n=1)
@@ -421,6 +427,15 @@ def env_string(value: object) -> str:
     return str(value)
 
 
+def hardware_of(place: Place) -> str:
+    """"8x NVIDIA H100 80GB HBM3": the world size and every rank's device name (each rank must take part)."""
+    name = torch.cuda.get_device_name(place.device) if place.cuda else "CPU"
+    names = [name] * place.world_size
+    if place.distributed:
+        dist.all_gather_object(names, name)
+    return f"{place.world_size}x {name}" if len(set(names)) == 1 else f"{place.world_size}x ({', '.join(names)})"
+
+
 def sync(place: Place) -> None:
     if place.cuda:
         torch.cuda.synchronize()
@@ -545,33 +560,44 @@ def find_shards(data_path: str, split: str) -> list[str]:
 
 # Training and validation data must not overlap in content (a copied or linked validation shard, or validation
 # documents mixed into the training shards by a data-preparation default, as two excluded records had). Documents
-# are compared by a digest of their tokens; from each training shard three samples (start, middle, end) are read.
-OVERLAP_SAMPLE_TOKENS = 1 << 20
-OVERLAP_MIN_DOCUMENT_TOKENS = 32  # shorter documents ("Page not found") may recur honestly
+# are compared by a digest of their tokens, in OVERLAP_WINDOWS evenly spaced windows of every training shard. One
+# validation document may recur honestly (the web repeats pages; FineWeb is deduplicated within a crawl only), so a
+# leak is what honest repeats do not make: a run (two consecutive training documents that are consecutive
+# validation documents), or more than one sampled training document in OVERLAP_MAX_SHARE being a validation one.
+OVERLAP_WINDOWS, OVERLAP_WINDOW_TOKENS, OVERLAP_MAX_SHARE = 32, 1 << 15, 1e-3
+OVERLAP_MIN_DOCUMENT_TOKENS = 32  # shorter documents ("Page not found") recur honestly
 
 
-def document_digests(tokens: np.ndarray, bos_id: int, last_is_whole: bool) -> set[bytes]:
-    """A digest of every document (BOS to the next BOS) of at least OVERLAP_MIN_DOCUMENT_TOKENS tokens."""
+def document_digests(tokens: np.ndarray, bos_id: int, last_is_whole: bool) -> list[tuple[int, bytes | None]]:
+    """(position, digest) of every document (BOS to the next BOS) in order; no digest for a short one."""
     tokens = np.ascontiguousarray(tokens, dtype="<u2")
     starts = np.flatnonzero(tokens == bos_id)
     ends = np.append(starts[1:], len(tokens)) if last_is_whole else starts[1:]
-    return {hashlib.blake2b(tokens[a:b].tobytes(), digest_size=16).digest() for a, b in zip(starts, ends)
-            if b - a >= OVERLAP_MIN_DOCUMENT_TOKENS}
+    return [(int(a), hashlib.blake2b(tokens[a:b].tobytes(), digest_size=16).digest()
+             if b - a >= OVERLAP_MIN_DOCUMENT_TOKENS else None) for a, b in zip(starts, ends)]
 
 
-def val_documents_in_train(train_files: list[str], val_tokens: np.ndarray, bos_id: int) -> tuple[int, int]:
-    """(training documents checked, how many of them are validation documents), from the shards' samples."""
-    val = document_digests(val_tokens, bos_id, last_is_whole=True)
-    checked = found = 0
+def val_documents_in_train(train_files: list[str], val_tokens: np.ndarray, bos_id: int) -> tuple[int, int, int]:
+    """(training documents checked, how many are validation documents, how many of those come right after the
+    validation document before them in the validation split), from the shards' windows."""
+    val = {d: i for i, (_, d) in enumerate(document_digests(val_tokens, bos_id, last_is_whole=True)) if d}
+    checked = found = runs = 0
     for path in train_files:
         n = read_shard_header(path)
-        digests: set[bytes] = set()
-        for start in {0, max(0, n // 2 - OVERLAP_SAMPLE_TOKENS // 2), max(0, n - OVERLAP_SAMPLE_TOKENS)}:
-            sample = np.fromfile(path, dtype="<u2", count=min(OVERLAP_SAMPLE_TOKENS, n),
+        span = max(0, n - OVERLAP_WINDOW_TOKENS)
+        seen: dict[int, int | None] = {}  # document position in the shard -> its validation index (-1: none)
+        for k in range(OVERLAP_WINDOWS):
+            start = span * k // max(1, OVERLAP_WINDOWS - 1)
+            sample = np.fromfile(path, dtype="<u2", count=min(OVERLAP_WINDOW_TOKENS, n),
                                  offset=SHARD_HEADER_BYTES + 2 * start)
-            digests |= document_digests(sample, bos_id, last_is_whole=False)
-        checked, found = checked + len(digests), found + len(digests & val)
-    return checked, found
+            index = [(start + at, None if d is None else val.get(d, -1))
+                     for at, d in document_digests(sample, bos_id, last_is_whole=False)]
+            runs += sum(a[0] not in seen and a[1] is not None and a[1] >= 0 and b[1] == a[1] + 1
+                        for a, b in zip(index, index[1:]))
+            seen.update(index)
+        checked += sum(i is not None for i in seen.values())
+        found += sum(i is not None and i >= 0 for i in seen.values())
+    return checked, found, runs
 
 
 class TokenStream:
@@ -627,7 +653,8 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except Exception as e:  # sentencepiece's own message names neither the file nor the knob
-        raise ValueError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"TOKENIZER_PATH={path} is not a SentencePiece model "
+                         f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     if int(sp.vocab_size()) != vocab_size:
         raise ValueError(f"tokenizer {path} has {int(sp.vocab_size())} pieces but VOCAB_SIZE={vocab_size}")
     return sp
@@ -720,14 +747,15 @@ def load_validation(args: Hyperparameters, place: Place, log: RunLog) -> tuple[s
     return sp, val
 
 
-def check_overlap(train_files: list[str], val: dict, bos_id: int, place: Place, log: RunLog) -> dict:
-    """How many sampled training documents are validation documents (rank 0 reads, the others skip the work)."""
+def check_overlap(train_files: list[str], args: Hyperparameters, bos_id: int, place: Place, log: RunLog) -> dict:
+    """Sampled training documents against the whole validation split (rank 0 reads, the others skip the work)."""
     if not place.master:
         return {}
-    checked, found = val_documents_in_train(train_files, val["tokens"].cpu().numpy(), bos_id)
-    log(f"train_val_overlap: {found} of {checked} training documents sampled (3 x {OVERLAP_SAMPLE_TOKENS} tokens a "
-        f"shard, documents of {OVERLAP_MIN_DOCUMENT_TOKENS}+ tokens) are validation documents")
-    return {"train_documents_checked": checked, "train_documents_in_val": found}
+    checked, found, runs = val_documents_in_train(train_files, load_validation_tokens(args.data_path), bos_id)
+    log(f"train_val_overlap: {found} of {checked} training documents sampled ({OVERLAP_WINDOWS} windows of "
+        f"{OVERLAP_WINDOW_TOKENS} tokens a shard, documents of {OVERLAP_MIN_DOCUMENT_TOKENS}+ tokens) are validation "
+        f"documents; {runs} of them follow the validation document before them")
+    return {"train_documents_checked": checked, "train_documents_in_val": found, "train_val_runs": runs}
 
 
 # -----------------------------
@@ -1350,7 +1378,8 @@ def train_model(base_model: GPT, args: Hyperparameters, place: Place, train_file
     if place.distributed:
         check_replicas(base_model, log)
     return loader, {"steps": step, "step_avg_ms": training_ms / step, "train_time_ms": training_ms, "ema": True,
-                    "tokens_per_s": tokens_per_s, "max_wallclock_seconds": args.max_wallclock_seconds}
+                    "tokens_per_s": tokens_per_s, "max_wallclock_seconds": args.max_wallclock_seconds,
+                    "train_hardware": hardware_of(place)}
 
 
 def check_replicas(model: nn.Module, log: RunLog) -> None:
@@ -1841,15 +1870,16 @@ def make_checkpoint(model: GPT, stats: dict, args: Hyperparameters, facts: dict)
             "facts": facts}
 
 
-def save_checkpoint(checkpoint: dict, path_name: str, place: Place, log: RunLog) -> None:
-    if not path_name:
+def save_checkpoint(model: GPT, stats: dict, args: Hyperparameters, facts: dict, place: Place, log: RunLog) -> None:
+    """make_checkpoint, written by rank 0 to CHECKPOINT_PATH (none when empty)."""
+    if not args.checkpoint_path:
         return
-    path = Path(path_name)
+    path = Path(args.checkpoint_path)
 
     def save() -> list[tuple[Path, Path]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         moved = keep_previous(path)
-        torch.save(checkpoint, path)
+        torch.save(make_checkpoint(model, stats, args, facts), path)
         return moved
 
     moved = on_rank0(place, "saving the checkpoint", save)
@@ -1863,9 +1893,10 @@ def load_checkpoint(path: str) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path}: no such file") from None
-    except Exception as e:  # torch's message advises loading untrusted pickles: no way out here, so it is not shown
-        raise ValueError(f"checkpoint {path} is not a checkpoint of this script (torch.load could not read it: "
-                         f"{type(e).__name__})") from None
+    except Exception as e:  # torch's advice to load untrusted pickles is no way out here: it is not passed on
+        first = (str(e).strip().splitlines() or [""])[0]
+        why = type(e).__name__ if not first or "eights only" in first else f"{type(e).__name__}: {first}"
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this script (torch.load: {why})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint")
     return checkpoint
@@ -1985,8 +2016,8 @@ def evaluate(token_losses, val: dict, seq_len: int, stride: int, batch_seqs: int
 
 
 def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, rank: int, world_size: int,
-                 device: torch.device, use_autocast: bool, per_target: Tensor | None = None,
-                 before_chunk=None) -> tuple[float, float, int, dict]:
+                 device: torch.device, use_autocast: bool,
+                 per_target: Tensor | None = None) -> tuple[float, float, int, dict]:
     """Score-first test-time training over sliding windows (EVAL_STRIDE). The windows are grouped in order into
     chunks of about TTT_CHUNK_TOKENS scored targets. Each chunk is scored with the current weights first; then,
     unless it is the last, every weight trains on the chunk's targets, which are all scored by then: TTT_EPOCHS
@@ -1994,8 +2025,7 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
     gradient summed over ranks, so every rank takes the same step. The adapted weights carry on to the next chunk
     and across documents; nothing is reset. Before each update the ranks count the targets scored so far and take
     the largest target the update's positions read; an update reading any target not yet scored is counted as a
-    violation (score_first: none). `before_chunk(c)`, when given, is called before chunk c is scored. Returns
-    (val_loss, val_bpb, targets, what adapted on what)."""
+    violation (score_first: none). Returns (val_loss, val_bpb, targets, what adapted on what)."""
     tokens = val["tokens"]
     num_targets = tokens.numel() - 1
     seq_len, starts, firsts = stream_windows(num_targets, args.eval_seq_len, args.eval_stride)
@@ -2010,8 +2040,6 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     updates = trained_targets = late = 0
     for c, windows in enumerate(chunks):
-        if before_chunk is not None:
-            before_chunk(c)
         mine = windows[rank_share(len(windows), rank, world_size)]
         score_windows(token_losses, val, starts[mine], firsts[mine], seq_len, args.eval_batch_seqs, device,
                       use_autocast, sums, per_target)
@@ -2124,6 +2152,7 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
 OFFICIAL_VAL_DOCUMENTS = 50_000
 OFFICIAL_VAL_TARGETS = {1024: 62_021_632, 4096: 45_508_608, 8192: 40_540_160}
 OFFICIAL_VAL_BYTES, OFFICIAL_VAL_BYTES_TOLERANCE = 151_080_000, 0.005
+EIGHT_H100 = "8x NVIDIA H100 80GB HBM3"  # the SXM card's name; PCIe and NVL cards are named otherwise
 # The rules a proxy run (other GPUs, other data) breaks by design; a run's other rules are kept or broken alike.
 HARDWARE_AND_DATA_RULES = ("eight_h100", "official_validation_split")
 
@@ -2150,18 +2179,23 @@ def assess_validity(m: dict) -> tuple[dict[str, bool | None], list[str]]:
     trained = m.get("train_plus_calibration_s") is not None
     cap, seconds, checked = m.get("max_wallclock_seconds"), m.get("train_plus_calibration_s"), m.get(
         "train_documents_checked")
-    found, device = m.get("train_documents_in_val"), m["device_name"]
+    found, runs = m.get("train_documents_in_val"), m.get("train_val_runs")
+    hardware = " and ".join(sorted({m["hardware"], m.get("train_hardware", m["hardware"])}))
+    full_split = not m["val_max_tokens"]
     checks = {
         "wallclock_cap_set": (cap is not None and 0 < cap <= 600 if trained else None,
                               f"MAX_WALLCLOCK_SECONDS={cap} (the cap must be set, at most 600)"),
         "train_under_600s": (seconds <= 600 if trained else None, f"training + calibration took {seconds or 0:.1f}s"),
         "calibration_within_wallclock": (m.get("calibration_within_wallclock") is True if trained else None,
                                          "calibration not inside the training clock"),
-        "no_val_data_in_training": (found == 0 if trained and checked else None,
-                                    f"{found} of {checked} sampled training documents are validation documents"),
+        "no_val_data_in_training": (runs == 0 and found <= OVERLAP_MAX_SHARE * checked if trained and checked else None,
+                                    f"{found} of {checked} sampled training documents are validation documents, "
+                                    f"{runs} in runs of consecutive ones"),
         "official_validation_split": official_split(m),
-        "eight_h100": (m["world_size"] == 8 and "H100" in device, f"ran on {m['world_size']}x {device}, not 8x H100"),
-        "eval_under_600s": (m["eval_seconds"] <= 600, f"evaluation took {m['eval_seconds']:.1f}s"),
+        "eight_h100": (all(h == EIGHT_H100 for h in hardware.split(" and ")),
+                       f"ran on {hardware}, not {EIGHT_H100} (SXM, HBM3)"),
+        "eval_under_600s": (m["eval_seconds"] <= 600 if full_split else None,
+                            f"evaluation took {m['eval_seconds']:.1f}s"),
         "artifact_under_16mb": (m["bytes_total"] <= SIZE_LIMIT_BYTES,
                                 f"code + artifact {m['bytes_total']} bytes > {SIZE_LIMIT_BYTES}"),
         "score_first": (m["score_first"], "an update read validation targets before they were scored"),
@@ -2170,6 +2204,14 @@ def assess_validity(m: dict) -> tuple[dict[str, bool | None], list[str]]:
     }
     flags = {name: None if ok is None else bool(ok) for name, (ok, _) in checks.items()}
     return flags, [why for name, (_, why) in checks.items() if flags[name] is False]
+
+
+def summarize_validity(flags: dict[str, bool | None]) -> tuple[bool, bool, list[str]]:
+    """(valid: every rule assessed and kept; every rule but the hardware and data ones kept; the rules not
+    assessed)."""
+    not_assessed = [name for name, ok in flags.items() if ok is None]
+    apart = all(ok is True for name, ok in flags.items() if name not in HARDWARE_AND_DATA_RULES)
+    return all(ok is True for ok in flags.values()), apart, not_assessed
 
 
 def record_verdict(training: dict, results: dict, args: Hyperparameters, code: bytes, blob: bytes, place: Place,
@@ -2181,16 +2223,14 @@ def record_verdict(training: dict, results: dict, args: Hyperparameters, code: b
     headline = results.get("ttt", results.get("sliding_window", results["roundtrip"]))
     eval_seconds = sum(r["eval_seconds"] for r in results.values())
     sizes = submission_bytes(code, blob)
-    device = torch.cuda.get_device_name(place.device) if place.cuda else "CPU"
+    hardware = hardware_of(place)
     measured = dict(training, val_max_tokens=args.val_max_tokens, vocab_size=args.vocab_size,
                     val_documents=val["documents"], val_tokens=val["tokens"].numel() - 1,
-                    val_bytes=int(val["target_bytes"].sum()), world_size=place.world_size, device_name=device,
+                    val_bytes=int(val["target_bytes"].sum()), hardware=hardware,
                     eval_seconds=eval_seconds, bytes_total=sizes["bytes_total"], val_loss=headline["val_loss"],
                     val_bpb=headline["val_bpb"], score_first=results.get("ttt", {}).get("score_first", True))
     flags, broken = assess_validity(measured)
-    not_assessed = [name for name, ok in flags.items() if ok is None]
-    valid = not broken and not not_assessed
-    apart = all(ok is True for name, ok in flags.items() if name not in HARDWARE_AND_DATA_RULES)
+    valid, apart, not_assessed = summarize_validity(flags)
     cal = (f"{training['calibration_seqs']} training sequences, {training['calibration_ms']:.0f} ms, "
            f"{'inside' if training['calibration_within_wallclock'] else 'outside'} the training wall clock"
            if training else "not part of this run")
@@ -2199,7 +2239,7 @@ def record_verdict(training: dict, results: dict, args: Hyperparameters, code: b
                eval_time_seconds=eval_seconds, **sizes, valid=valid, valid_except_hardware_and_data=apart,
                broken_rules=broken, not_assessed=not_assessed,
                compliance=dict(flags, calibration=cal, test_time_adaptation=ttt),
-               hardware=f"{place.world_size}x {device}", pytorch_version=torch.__version__,
+               hardware=hardware, pytorch_version=torch.__version__,
                config={k: env_string(v) for k, v in args.values.items()})
     log(f"valid_except_hardware_and_data:{apart} (every rule but {' and '.join(HARDWARE_AND_DATA_RULES)})")
     log(f"submission_facts:{log.json} valid:{valid}" + (f" broke: {'; '.join(broken)}" if broken else "")
@@ -2234,7 +2274,7 @@ def main() -> int:
         train_files = find_shards(args.data_path, "train")
         log(f"train_loader:dataset:{args.data_path} train_shards:{len(train_files)} "
             f"tokens:{sum(read_shard_header(f) for f in train_files)}")
-        overlap = check_overlap(train_files, val, sp.bos_id(), place, log)
+        overlap = check_overlap(train_files, args, sp.bos_id(), place, log)
 
         # Model, then training and calibration inside one wall clock; the checkpoint keeps what export reads.
         model, token_losses = build_model(args, sp.bos_id(), place, log, training=True)
@@ -2242,7 +2282,7 @@ def main() -> int:
                                     lambda: timed_evaluate(token_losses, val, args, args.eval_seq_len, place)[:2])
         stats, facts = calibrate(model, loader, args, place, log, dict(facts, **overlap))
         log.update(**facts)
-        save_checkpoint(make_checkpoint(model, stats, args, facts), args.checkpoint_path, place, log)
+        save_checkpoint(model, stats, args, facts, place, log)
 
         # Export, then the artifact scored as the leaderboard scores it, then the verdict.
         score_pre_export(token_losses, val, args, place, log)

@@ -209,13 +209,15 @@ def test_the_vocabulary_picks_the_official_data_and_tokenizer():
     assert tg.Hyperparameters(env={"VOCAB_SIZE": "1024", "DATA_PATH": "/d"}).data_path == "/d"  # the environment wins
 
 
-@pytest.mark.parametrize("name", ["QKV_CONV_SIZE", "BIGRAM_VOCAB_SIZE", "VE_LAYERS", "SSM_LR", "BETA2", "EMBED_GPTQ"])
+@pytest.mark.parametrize("name", ["QKV_CONV_SIZE", "BIGRAM_VOCAB_SIZE", "VE_LAYERS", "EMBED_GPTQ", "SMEAR_GATE"])
 def test_a_deleted_knob_is_an_error_not_ignored(name):
-    assert f"unknown environment variable {name}" in error_for(**{name: "1"})
+    assert f"{name} was deleted with its feature" in error_for(**{name: "1"})
+    assert "unknown environment variable BETA2" in error_for(BETA2="0.99")
 
 
 @pytest.mark.parametrize("name,way", [("EVAL_ARTIFACT", "scripts/evaluate.py --artifact"),
                                       ("EXPORT_CHECKPOINT", "scripts/evaluate.py --checkpoint"),
-                                      ("QUANT_ALLOC", "QUANT_UNIFORM_BITS")])
+                                      ("QUANT_ALLOC", "QUANT_UNIFORM_BITS"), ("QUANT_BITS", "QUANT_UNIFORM_BITS"),
+                                      ("SSM_LR", "SCALAR_LR")])
 def test_a_moved_knob_names_the_new_way(name, way):
     assert way in error_for(**{name: "x"})

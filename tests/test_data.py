@@ -208,8 +208,8 @@ def documents(seed: int, n: int, bos: int = 1) -> np.ndarray:
 def test_overlap_of_disjoint_data_is_zero(tmp_path):
     val = documents(1, 50)
     train = [str(shard(tmp_path / f"fineweb_train_{i:06d}.bin", documents(10 + i, 300))) for i in range(2)]
-    checked, found = tg.val_documents_in_train(train, val, bos_id=1)
-    assert found == 0 and checked >= 2 * 290  # every whole document of both shards (the last of each is cut)
+    checked, found, runs = tg.val_documents_in_train(train, val, bos_id=1)
+    assert found == runs == 0 and checked >= 2 * 290  # every whole document of both shards (the last of each is cut)
 
 
 @pytest.mark.parametrize("how", ["copy", "hard link", "mixed in"])
@@ -228,17 +228,31 @@ def test_validation_documents_among_the_training_shards_are_found(tmp_path, how)
         os.link(val_path, leaked)
     else:
         shard(leaked, np.concatenate((documents(11, 100), val[val.tolist().index(1, 500):], documents(12, 100))))
-    checked, found = tg.val_documents_in_train([str(clean), str(leaked)], tg.load_data_shard(val_path).numpy(), 1)
-    assert found >= 10 and checked > found
+    checked, found, runs = tg.val_documents_in_train([str(clean), str(leaked)], tg.load_data_shard(val_path).numpy(),
+                                                     1)
+    assert found >= 10 and runs >= 9 and checked > found
+
+
+def test_single_validation_documents_among_training_ones_are_counted_but_form_no_run(tmp_path):
+    val = documents(1, 50)
+    starts = [i for i, tok in enumerate(val.tolist()) if tok == 1] + [len(val)]
+    docs = [val[a:b] for a, b in zip(starts, starts[1:])]
+    parts = []
+    for k, doc in enumerate(docs[::7]):  # validation documents 0, 7, 14, ... each between training ones
+        parts += [documents(30 + k, 20), doc]
+    path = shard(tmp_path / "fineweb_train_000000.bin", np.concatenate(parts + [documents(99, 5)]))
+    checked, found, runs = tg.val_documents_in_train([str(path)], val, 1)
+    assert found == len(docs[::7]) and runs == 0
 
 
 def test_the_overlap_check_samples_a_long_shard_at_its_start_middle_and_end(tmp_path, monkeypatch):
-    monkeypatch.setattr(tg, "OVERLAP_SAMPLE_TOKENS", 2000)
+    monkeypatch.setattr(tg, "OVERLAP_WINDOW_TOKENS", 700)
+    monkeypatch.setattr(tg, "OVERLAP_WINDOWS", 3)
     val = documents(1, 30)
     filler = [documents(20 + i, 100) for i in range(6)]
     for where in range(3):  # the leaked documents sit at the start, in the middle or at the end of the shard
         parts = list(filler)
         parts.insert([0, 3, 6][where], val)
         path = shard(tmp_path / f"fineweb_train_{where:06d}.bin", np.concatenate(parts))
-        checked, found = tg.val_documents_in_train([str(path)], val, 1)
-        assert found >= 5 and checked < 100, (where, checked, found)  # a few samples, not the whole shard
+        checked, found, runs = tg.val_documents_in_train([str(path)], val, 1)
+        assert found >= 3 and runs >= 2 and checked < 100, (where, checked, found)  # samples, not the whole shard

@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+import torch
+
 from conftest import REPO_ROOT
 from test_end_to_end import EXACT, RUN_ENV, clean_env, data_env, new_workdir
 
@@ -24,9 +26,9 @@ def body(log: str) -> str:
 def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path_factory, demo_data_dir):
     env = dict(RUN_ENV, ITERATIONS="8", WARMUP_STEPS="0", TRAIN_BATCH_TOKENS="4096", TRAIN_LOG_EVERY="1",
                **data_env(demo_data_dir))
-    logs = {}
+    logs, workdirs = {}, {}
     for nproc in (1, 2):
-        workdir = new_workdir(tmp_path_factory, f"dist{nproc}")
+        workdir = workdirs[nproc] = new_workdir(tmp_path_factory, f"dist{nproc}")
         cmd = [sys.executable, "train_gpt.py"] if nproc == 1 else \
             [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_gpt.py"]
         proc = subprocess.run(cmd, cwd=workdir, env=clean_env(**dict(env, RUN_ID=f"n{nproc}", OMP_NUM_THREADS="1")),
@@ -44,6 +46,15 @@ def test_two_processes_follow_the_same_loss_curve_as_one(tmp_path_factory, demo_
     assert set(finals[1]) == set(finals[2]) == {"roundtrip", "sliding_window", "ttt"}  # TTT on 2 ranks as on 1
     for tag in finals[1]:
         assert abs(finals[1][tag] - finals[2][tag]) < 5e-3, (tag, finals)
+    # calibration: each rank measures its slice of the same sequences, and the sums over ranks are one process's
+    # (up to the float noise by which the two runs' weights differ; a sum of one rank's half would be off by half)
+    stats = {n: torch.load(workdirs[n] / "checkpoints" / f"n{n}.pt", weights_only=True)["stats"] for n in (1, 2)}
+    assert stats[1]["tokens"] == stats[2]["tokens"] > 0
+    for table in ("hessians", "grad_energy", "counts"):
+        assert set(stats[1][table]) == set(stats[2][table])
+        for key, one in stats[1][table].items():
+            two = stats[2][table][key]
+            assert float((two - one).norm()) < 0.2 * float(one.norm()), (table, key)
 
 
 def test_wall_clock_schedule_keeps_replicas_identical(tmp_path_factory, demo_data_dir):

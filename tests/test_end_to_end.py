@@ -157,7 +157,8 @@ def test_facts_json(run):
     assert f["valid"] is False and len(f["broken_rules"]) == 4 and f["not_assessed"] == []
     assert any("VAL_MAX_TOKENS=20000" in why for why in f["broken_rules"])
     assert any("MAX_WALLCLOCK_SECONDS=0" in why for why in f["broken_rules"])
-    assert any("ran on 1x CPU, not 8x H100" in why for why in f["broken_rules"])
+    assert any("ran on 1x CPU, not 8x NVIDIA H100 80GB HBM3" in why for why in f["broken_rules"])
+    assert f["hardware"] == f["train_hardware"] == "1x CPU" and f["train_val_runs"] == 0
     line = re.search(r"^submission_facts:\S+ valid:(\w+)(.*)$", run.body, re.M)
     assert line.group(1) == "False" and "broke: " in line.group(2) and "VAL_MAX_TOKENS=20000" in line.group(2)
     assert run.body.rstrip("\n").rsplit("\n", 1)[-1] == line.group(0)  # the verdict is the log's last line

@@ -107,10 +107,10 @@ def test_ema_holds_the_average_of_the_weights():
 # ---------------------------------------------------------------- validity
 
 GOOD = {"max_wallclock_seconds": 600.0, "train_plus_calibration_s": 599.2, "calibration_within_wallclock": True,
-        "train_documents_checked": 240_000, "train_documents_in_val": 0, "val_max_tokens": 0, "vocab_size": 8192,
-        "val_documents": 50_000, "val_tokens": 40_540_160 + 1234, "val_bytes": 151_000_000, "world_size": 8,
-        "device_name": "NVIDIA H100 80GB HBM3", "eval_seconds": 412.0, "bytes_total": 15_990_000, "score_first": True,
-        "val_loss": 2.75, "val_bpb": 1.06}
+        "train_documents_checked": 240_000, "train_documents_in_val": 0, "train_val_runs": 0,
+        "train_hardware": "8x NVIDIA H100 80GB HBM3", "val_max_tokens": 0, "vocab_size": 8192, "val_documents": 50_000,
+        "val_tokens": 40_540_160 + 1234, "val_bytes": 151_000_000, "hardware": "8x NVIDIA H100 80GB HBM3",
+        "eval_seconds": 412.0, "bytes_total": 15_990_000, "score_first": True, "val_loss": 2.75, "val_bpb": 1.06}
 
 
 def test_a_run_that_keeps_every_rule_is_valid():
@@ -124,15 +124,18 @@ def test_a_run_that_keeps_every_rule_is_valid():
     ({"max_wallclock_seconds": None}, "wallclock_cap_set", "MAX_WALLCLOCK_SECONDS=None"),
     ({"train_plus_calibration_s": 600.5}, "train_under_600s", "600.5s"),
     ({"calibration_within_wallclock": False}, "calibration_within_wallclock", "calibration"),
-    ({"train_documents_in_val": 3}, "no_val_data_in_training", "3 of 240000 sampled training documents"),
-    ({"val_max_tokens": 131072}, "official_validation_split", "VAL_MAX_TOKENS=131072"),
+    ({"train_documents_in_val": 3, "train_val_runs": 1}, "no_val_data_in_training", "1 in runs of consecutive"),
+    ({"train_documents_in_val": 241}, "no_val_data_in_training", "241 of 240000 sampled training documents"),
+
     ({"val_documents": 49_999}, "official_validation_split", "49999 documents"),
     ({"val_tokens": 40_540_160 - 1}, "official_validation_split", "40540160 targets in whole 2048-token sequences"),
     ({"val_tokens": 300_000}, "official_validation_split", "300000 targets"),
     ({"val_bytes": 9_774_711}, "official_validation_split", "9774711 bytes"),
     ({"vocab_size": 1024}, "official_validation_split", "62021632 targets"),
-    ({"world_size": 1}, "eight_h100", "ran on 1x NVIDIA H100"),
-    ({"device_name": "NVIDIA H200"}, "eight_h100", "8x NVIDIA H200, not 8x H100"),
+    ({"hardware": "1x NVIDIA H100 80GB HBM3"}, "eight_h100", "ran on 1x NVIDIA H100 80GB HBM3 and 8x"),
+    ({"hardware": "8x NVIDIA H200"}, "eight_h100", "ran on 8x NVIDIA H100 80GB HBM3 and 8x NVIDIA H200, not"),
+    ({"hardware": "8x NVIDIA H100 PCIe"}, "eight_h100", "(SXM, HBM3)"),
+    ({"train_hardware": "1x NVIDIA H200"}, "eight_h100", "1x NVIDIA H200"),  # a re-export judges both machines
     ({"eval_seconds": 600.1}, "eval_under_600s", "600.1s"),
     ({"bytes_total": 16_000_001}, "artifact_under_16mb", "16000001 bytes"),
     ({"score_first": False}, "score_first", "before they were scored"),
@@ -143,6 +146,30 @@ def test_each_rule_is_checked(change, flag, reason):
     flags, broken = tg.assess_validity(dict(GOOD, **change))
     assert [name for name, ok in flags.items() if ok is not True] == [flag]
     assert flags[flag] is False and len(broken) == 1 and reason in broken[0], broken
+
+
+def test_a_prefix_breaks_the_split_rule_and_leaves_the_eval_time_unassessed():
+    flags, broken = tg.assess_validity(dict(GOOD, val_max_tokens=131072))
+    assert flags["official_validation_split"] is False and "VAL_MAX_TOKENS=131072" in broken[0]
+    assert flags["eval_under_600s"] is None and len(broken) == 1
+
+
+def test_honest_repeats_of_validation_documents_are_not_a_leak():
+    """A few validation documents recurring singly among 240,000 sampled training documents (the web repeats pages)
+    keep the rule; one run of consecutive ones, or more than 1 in 1,000, breaks it."""
+    assert tg.assess_validity(dict(GOOD, train_documents_in_val=12))[0]["no_val_data_in_training"] is True
+    assert tg.assess_validity(dict(GOOD, train_documents_in_val=2, train_val_runs=1))[0][
+        "no_val_data_in_training"] is False
+
+
+def test_valid_needs_every_rule_assessed_and_kept():
+    all_kept = dict.fromkeys(tg.assess_validity(GOOD)[0], True)
+    assert tg.summarize_validity(all_kept) == (True, True, [])
+    for name in all_kept:
+        for value in (False, None):
+            valid, apart, not_assessed = tg.summarize_validity(dict(all_kept, **{name: value}))
+            assert valid is False and not_assessed == ([name] if value is None else [])
+            assert apart is (name in tg.HARDWARE_AND_DATA_RULES), name  # a proxy's data and GPUs do not count there
 
 
 def test_the_official_split_of_each_known_vocabulary():
@@ -161,7 +188,7 @@ def test_what_was_not_assessed_is_not_called_broken():
     known official split: neither is listed as broken."""
     trained_nothing = {k: v for k, v in GOOD.items() if k not in (
         "max_wallclock_seconds", "train_plus_calibration_s", "calibration_within_wallclock", "train_documents_checked",
-        "train_documents_in_val")}
+        "train_documents_in_val", "train_val_runs", "train_hardware")}
     flags, broken = tg.assess_validity(dict(trained_nothing, vocab_size=512))
     assert {name for name, ok in flags.items() if ok is None} == {
         "wallclock_cap_set", "train_under_600s", "calibration_within_wallclock", "no_val_data_in_training",

@@ -64,39 +64,64 @@ def test_the_score_first_flag_is_measured(monkeypatch):
     assert facts["updates_on_unscored_targets"] == facts["chunks"] - 1
 
 
-def chunk_snapshots(tokens: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[int]]:
-    """The weights each chunk is scored with, and each chunk's first scored target."""
+def chunk_snapshots(tokens: torch.Tensor, monkeypatch) -> tuple[list[list[torch.Tensor]], list[int]]:
+    """The weights each chunk is scored with (score_windows runs once a chunk, before its update), and each chunk's
+    first scored target."""
     torch.manual_seed(0)
     args = tiny_args(**dict(TTT_ENV, TTT_LR="0.5"))
     model = randomize_(tg.GPT(args), std=0.05, seed=0)
     shots: list[list[torch.Tensor]] = []
-    tg.evaluate_ttt(model, model.token_losses, val_of(tokens), args, 0, 1, torch.device("cpu"), False,
-                    before_chunk=lambda c: shots.append([p.detach().clone() for p in model.parameters()]))
+    real = tg.score_windows
+
+    def snapshot_then_score(*a, **k) -> None:
+        shots.append([p.detach().clone() for p in model.parameters()])
+        real(*a, **k)
+
+    monkeypatch.setattr(tg, "score_windows", snapshot_then_score)
+    tg.evaluate_ttt(model, model.token_losses, val_of(tokens), args, 0, 1, torch.device("cpu"), False)
+    monkeypatch.undo()
     seq_len, starts, firsts = tg.stream_windows(tokens.numel() - 1, args.eval_seq_len, args.eval_stride)
     first_target = starts + firsts
     chunk_of = first_target // args.ttt_chunk_tokens
     return shots, [int(first_target[chunk_of == c].min()) for c in sorted(set(chunk_of.tolist()))]
 
 
-def test_the_weights_that_score_a_chunk_never_read_its_targets():
+def test_the_weights_that_score_a_chunk_never_read_its_targets(monkeypatch):
     """Whatever the code plans, what counts is what the updates read: the weights that score chunk c must not change
     when any target at or after chunk c's first one changes (target j is the token at j + 1). An update that reads
     one position too far (the label of the next chunk's first target) fails here, though every loss before the
     changed token stays the same."""
     tokens = stream()
-    base, firsts = chunk_snapshots(tokens)
+    base, firsts = chunk_snapshots(tokens, monkeypatch)
     assert len(base) == len(firsts) >= 6
-    for c in range(1, len(firsts)):
-        for target in (firsts[c], firsts[c] + 3):
-            changed = tokens.clone()
-            changed[target + 1] = (changed[target + 1] + 17) % 128
-            shots, _ = chunk_snapshots(changed)
-            for k in range(c + 1):  # this chunk's weights and every earlier chunk's
-                assert all(torch.equal(a, b) for a, b in zip(shots[k], base[k])), (c, target, k)
+    for c, target in ((1, firsts[1]), (1, firsts[1] + 3), (3, firsts[3]), (len(firsts) - 1, firsts[-1])):
+        changed = tokens.clone()
+        changed[target + 1] = (changed[target + 1] + 17) % 128
+        shots, _ = chunk_snapshots(changed, monkeypatch)
+        for k in range(c + 1):  # this chunk's weights and every earlier chunk's
+            assert all(torch.equal(a, b) for a, b in zip(shots[k], base[k])), (c, target, k)
     # ... and the snapshots can see a change: the last target of chunk 1 does move the weights that score chunk 2
     changed = tokens.clone()
     changed[firsts[2]] = (changed[firsts[2]] + 17) % 128
-    assert any(not torch.equal(a, b) for a, b in zip(chunk_snapshots(changed)[0][2], base[2]))
+    assert any(not torch.equal(a, b) for a, b in zip(chunk_snapshots(changed, monkeypatch)[0][2], base[2]))
+
+
+def test_an_update_reading_the_first_unscored_target_is_caught(monkeypatch):
+    """The edge of the rule: hold back the score of exactly one target, the chunk's last, until the end (every target
+    is still scored once). Each update then reads one target that is not yet scored, and each is counted."""
+    real = tg.score_windows
+
+    def one_short(token_losses, val, starts, firsts, seq_len, batch_seqs, device, use_autocast, sums, *rest):
+        real(token_losses, val, starts, firsts, seq_len, batch_seqs, device, use_autocast, sums, *rest)
+        last = len(starts) and starts[-1] + seq_len == val["tokens"].numel() - 1
+        sums[1] += one_short.held if last else -1  # the stream's last window gives back what was held
+        one_short.held = 0 if last else one_short.held + 1
+
+    one_short.held = 0
+    monkeypatch.setattr(tg, "score_windows", one_short)
+    _, (_, _, count, facts) = ttt_per_target(stream())
+    assert count == 499 and facts["updates_on_unscored_targets"] == facts["chunks"] - 1 > 0
+    assert facts["score_first"] is False
 
 
 def test_adaptation_reaches_later_chunks_only():
