@@ -145,7 +145,7 @@ def test_facts_json(run):
     # validity is what this run measured: no wall-clock cap, a prefix of the validation split and a CPU break rules
     c = f["compliance"]
     assert c["artifact_under_16mb"] is f["under_limit"] is True
-    assert c["eval_under_600s"] is (f["eval_time_seconds"] <= 600) is True
+    assert c["eval_under_600s"] is None  # a prefix was scored: the time of the whole split is not known
     assert c["train_under_600s"] is (f["train_plus_calibration_s"] <= 600) is True
     assert c["no_val_data_in_training"] is True and f["train_documents_in_val"] == 0
     assert f["train_documents_checked"] > 1000
@@ -154,7 +154,7 @@ def test_facts_json(run):
     assert c["wallclock_cap_set"] is False and c["official_validation_split"] is False and c["eight_h100"] is False
     assert c["calibration_within_wallclock"] is f["calibration_within_wallclock"] is False
     assert "outside the training wall clock" in c["calibration"]
-    assert f["valid"] is False and len(f["broken_rules"]) == 4 and f["not_assessed"] == []
+    assert f["valid"] is False and len(f["broken_rules"]) == 4 and f["not_assessed"] == ["eval_under_600s"]
     assert any("VAL_MAX_TOKENS=20000" in why for why in f["broken_rules"])
     assert any("MAX_WALLCLOCK_SECONDS=0" in why for why in f["broken_rules"])
     assert any("ran on 1x CPU, not 8x NVIDIA H100 80GB HBM3" in why for why in f["broken_rules"])
