@@ -61,7 +61,7 @@ OWNED_PREFIXES = (
     "ROPE_", "QK_", "WARMDOWN_", "WARMUP_", "MLP_", "MODEL_", "TIED_", "MATRIX_", "SCALAR_", "LOGIT_",
     "SMEAR_", "EMBED_", "QKV_", "NUM_LAYER", "NUM_HEAD", "NUM_KV", "MAX_WALLCLOCK", "MIN_LR", "GRAD_CLIP", "BETA",
     "ITERATION", "SEED", "VOCAB", "ARTIFACT_", "TOKENIZER_", "DATA_PATH", "CHECKPOINT_", "EXPORT_", "PASSTHROUGH_",
-    "TTT_", "PRE_EXPORT", "LQER_",
+    "TTT_", "PRE_EXPORT", "LQER_", "RECUR_", "PARALLEL_", "ATTN_",
 )
 # Knobs whose work moved, and knobs deleted after their features lost their measurements (logs/README.md, v13):
 # naming what happened beats "unknown variable" or a near miss ("SSM_LR: did you mean SSM_LAYERS?").
@@ -150,6 +150,7 @@ class Hyperparameters:
         self.ssm_kernel = self._choice("SSM_KERNEL", "fir", ("fir", "s4d"))
         self.ssm_kernel_size = self._int("SSM_KERNEL_SIZE", 32, lo=1)
         self.ssm_state_dim = self._int("SSM_STATE_DIM", 64, lo=2)
+        self._read_levers()
 
         # Optimizers: Muon for matrices, Adam for the embedding and everything else (S4D kernels included).
         self.matrix_lr = self._float("MATRIX_LR", 0.025, lo=0.0)
@@ -171,7 +172,29 @@ class Hyperparameters:
         self.gptq_calib_seqs = self._int("GPTQ_CALIB_SEQS", 64, lo=1)
         self.gptq_reserve_seconds = self._float("GPTQ_RESERVE_SECONDS", 8.0, lo=0.0)
 
-        # Evaluation. EVAL_STRIDE=0 skips the sliding pass.
+        self._read_evaluation()
+        self._check_unknown()  # first: a misspelt knob explains a consistency error better than the error itself
+        self._check_consistency()
+
+    def _read_levers(self) -> None:
+        """Levers of the records, each off until measured here."""
+        # Depth recurrence (#1204, #1285, #1493): these contiguous layers run RECUR_LOOPS more times, with the same
+        # weights, from RECUR_START_FRAC of the run on.
+        self.recur_layers = self._int_list("RECUR_LAYERS", "")
+        self.recur_loops = self._int("RECUR_LOOPS", 1, lo=1)
+        self.recur_start_frac = self._float("RECUR_START_FRAC", 0.35, lo=0.0, hi=1.0)
+        # From this layer on, the MLP reads the mixer's input instead of its output (#1204, #1412; 0: never).
+        self.parallel_residual_from = self._int("PARALLEL_RESIDUAL_FROM", 0, lo=0)
+        # N > 0: a per-head sigmoid gate on the attention output, read from the first N channels of the attention's
+        # input (MODEL_DIM: the dense gate of #1784; 12: the sparse one of #1787; 0: none).
+        self.attn_gate = self._int("ATTN_GATE", 0, lo=0)
+        self.muon_row_norm = self._bool("MUON_ROW_NORM", False)  # MuonEq-R (#1285): rows equalised before NS
+        # LEN@END stages, each until that fraction of the run (#2014: 1024@0.1,2048@0.7,3072@1.0); the last one
+        # must be TRAIN_SEQ_LEN, the context calibration reads. Empty: TRAIN_SEQ_LEN throughout.
+        self.train_seq_schedule = self._seq_schedule("TRAIN_SEQ_SCHEDULE")
+
+    def _read_evaluation(self) -> None:
+        """Evaluation. EVAL_STRIDE=0 skips the sliding pass."""
         self.eval_seq_len = self._int("EVAL_SEQ_LEN", 2048, lo=2)
         self.eval_stride = self._int("EVAL_STRIDE", 64, lo=0)
         self.eval_batch_seqs = self._int("EVAL_BATCH_SEQS", 32, lo=1)
@@ -180,9 +203,6 @@ class Hyperparameters:
         self.ttt_lr = self._float("TTT_LR", 0.005, lo=0.0)
         self.ttt_epochs = self._int("TTT_EPOCHS", 3, lo=1)
         self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32_768, lo=1)
-
-        self._check_unknown()  # first: a misspelt knob explains a consistency error better than the error itself
-        self._check_consistency()
 
     # Typed readers: each records the value for the log and names the variable in every error.
     def _raw(self, name: str, default: object) -> str:
@@ -237,12 +257,35 @@ class Hyperparameters:
             raise ValueError(f"{name}={raw!r} lists a value twice")
         return self._record(name, items)
 
+    def _seq_schedule(self, name: str) -> tuple[tuple[int, float], ...]:
+        raw = self._str(name, "").replace(" ", "")
+        if not raw:
+            return ((self.train_seq_len, 1.0),)
+        try:
+            stages = tuple((int(length), float(end)) for length, end in (s.split("@") for s in raw.split(",")))
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} must be LEN@END stages, e.g. 1024@0.1,2048@0.7,3072@1.0") from None
+        ends = [end for _, end in stages]
+        if min(length for length, _ in stages) < 2 or ends != sorted(set(ends)) or ends[0] <= 0 or ends[-1] != 1:
+            raise ValueError(f"{name}={raw!r} needs lengths >= 2 and ends rising from above 0 to 1")
+        return stages
+
     def _check_consistency(self) -> None:
         n = self.num_layers
         bad = [i for i in self.ssm_layers if not 0 <= i < n]
         if bad:
             origin = "" if "SSM_LAYERS" in self._env else ", the default: set SSM_LAYERS"
             raise ValueError(f"SSM_LAYERS has layer(s) {bad} outside 0..{n - 1} (NUM_LAYERS={n}{origin})")
+        r = self.recur_layers
+        if r and (r != tuple(range(r[0], r[0] + len(r))) or not 0 <= r[0] <= r[-1] < n):
+            raise ValueError(f"RECUR_LAYERS={env_string(r)} must be contiguous rising layers within 0..{n - 1}")
+        if self.parallel_residual_from >= n:
+            raise ValueError(f"PARALLEL_RESIDUAL_FROM={self.parallel_residual_from} must be below NUM_LAYERS={n}")
+        if self.attn_gate > self.model_dim:
+            raise ValueError(f"ATTN_GATE={self.attn_gate} reads more channels than MODEL_DIM={self.model_dim}")
+        if self.train_seq_schedule[-1][0] != self.train_seq_len:
+            raise ValueError(f"TRAIN_SEQ_SCHEDULE ends at length {self.train_seq_schedule[-1][0]}, not at "
+                             f"TRAIN_SEQ_LEN={self.train_seq_len}")
         if self.model_dim % self.num_heads:
             raise ValueError(f"MODEL_DIM={self.model_dim} must be divisible by NUM_HEADS={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -274,17 +317,24 @@ class Hyperparameters:
                 suggestion = f" (did you mean {hint[0]}?)" if hint else ""
                 raise ValueError(f"unknown environment variable {name}{suggestion}")
 
-    def batch_layout(self, world_size: int) -> tuple[int, int]:
-        """(grad_accum_steps, sequences per micro-batch): the global batch is the same on 1, 2, 4 or 8 GPUs."""
+    def batch_layout(self, world_size: int, seq_len: int = 0) -> tuple[int, int]:
+        """(grad_accum_steps, sequences per micro-batch) at this sequence length (TRAIN_SEQ_LEN by default): the
+        global batch is the same on 1, 2, 4 or 8 GPUs, and at every length of TRAIN_SEQ_SCHEDULE."""
         if world_size < 1 or 8 % world_size:
             raise ValueError(f"WORLD_SIZE={world_size} must divide 8 so the global batch stays the same")
-        grad_accum = 8 // world_size
-        per_micro = world_size * grad_accum * self.train_seq_len
+        grad_accum, seq_len = 8 // world_size, seq_len or self.train_seq_len
+        per_micro = world_size * grad_accum * seq_len
         if self.train_batch_tokens % per_micro:
             raise ValueError(
                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of "
-                f"WORLD_SIZE*grad_accum*TRAIN_SEQ_LEN = {world_size}*{grad_accum}*{self.train_seq_len}")
+                f"WORLD_SIZE*grad_accum*sequence length = {world_size}*{grad_accum}*{seq_len} (TRAIN_SEQ_LEN or a "
+                f"TRAIN_SEQ_SCHEDULE stage)")
         return grad_accum, self.train_batch_tokens // per_micro
+
+    def train_state(self, progress: float) -> tuple[int, bool]:
+        """(sequence length, recurrence on) of a training step at this fraction of the run."""
+        seq_len = next((length for length, end in self.train_seq_schedule if progress <= end), self.train_seq_len)
+        return seq_len, bool(self.recur_layers) and progress >= self.recur_start_frac
 
 # -----------------------------
 # RUN SET-UP: THE LOG, THE PROCESSES AND THE DEVICE
@@ -391,7 +441,8 @@ def process_place() -> tuple[bool, int, int, int]:
 def set_up(args: Hyperparameters, distributed: bool, rank: int, world_size: int, local_rank: int) -> Place:
     """The device, the process group and the seeds. A batch that does not divide over the ranks stops the run
     here, before any data or model work."""
-    args.batch_layout(world_size)
+    for seq_len, _ in args.train_seq_schedule:
+        args.batch_layout(world_size, seq_len)
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -825,10 +876,12 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    """GQA attention with partial RoPE, q/k RMSNorm and a learned q gain; optionally XSA."""
+    """GQA attention with partial RoPE, q/k RMSNorm and a learned q gain; optionally XSA, and a per-head gate
+    sigmoid(W x[:gate_width]) on the output. W starts at zero, so every head starts at half its output, as in
+    #1784 and #1787 (proj starts at zero anyway)."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
-                 qk_gain_init: float, use_xsa: bool, max_len: int):
+                 qk_gain_init: float, use_xsa: bool, max_len: int, gate_width: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
@@ -839,6 +892,7 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
         self.rotary = Rotary(rope_dims, rope_base, max_len)
         self.use_xsa = use_xsa
+        self.gate = nn.Parameter(torch.zeros(num_heads, gate_width)) if gate_width else None
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, dim = x.shape
@@ -850,6 +904,8 @@ class CausalSelfAttention(nn.Module):
         y = causal_attention(q, k, v)
         if self.use_xsa:
             y = exclusive_self_attention(y, v)
+        if self.gate is not None:
+            y = y * torch.sigmoid(F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))[..., None]
         return self.proj(y.reshape(B, T, -1))
 
 
@@ -960,20 +1016,22 @@ class S4DLinMixer(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block. Its sequence mixer is attention, an S4D mixer ("replace"), or both summed through
-    a learned per-channel gate ("parallel"); then a LeakyReLU^2 MLP. x0 (the embedding) is mixed back in."""
+    a learned per-channel gate ("parallel"); then a LeakyReLU^2 MLP, which from PARALLEL_RESIDUAL_FROM on reads the
+    mixer's input instead of its output. x0 (the embedding) is mixed back in."""
 
     def __init__(self, layer_idx: int, dim: int, args: Hyperparameters, use_attention: bool, use_ssm: bool,
                  use_xsa: bool, max_len: int):
         super().__init__()
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1)
         self.attn = CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.rope_dims, args.rope_base,
-                                        args.qk_gain_init, use_xsa, max_len) if use_attention else None
+                                        args.qk_gain_init, use_xsa, max_len, args.attn_gate) if use_attention else None
         self.ssm = S4DLinMixer(dim, args.ssm_kernel, args.ssm_kernel_size, args.ssm_state_dim) if use_ssm else None
         self.ssm_gate = nn.Parameter(torch.zeros(dim)) if use_attention and use_ssm else None
         self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_leaky_slope)
         self.mix_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.parallel = layer_idx >= args.parallel_residual_from > 0
 
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
@@ -986,7 +1044,7 @@ class Block(nn.Module):
         else:
             mixed = self.ssm(h)
         x = x + self.mix_scale.to(x.dtype) * mixed
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.ln_scale)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(h if self.parallel else rms_norm(x) * self.ln_scale)
 
 
 class SmearGate(nn.Module):
@@ -1013,7 +1071,7 @@ class GPT(nn.Module):
     def __init__(self, args: Hyperparameters, bos_id: int = 1):
         super().__init__()
         dim, n = args.model_dim, args.num_layers
-        max_len = max(args.train_seq_len, args.eval_seq_len)
+        max_len = max(args.eval_seq_len, *(length for length, _ in args.train_seq_schedule))
         self.logit_softcap, self.bos_id = args.logit_softcap, bos_id
         self.tok_emb = nn.Embedding(args.vocab_size, dim)
         self.smear = SmearGate(dim, bos_id)
@@ -1023,9 +1081,14 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(i, dim, args, use_attention=i in attention_layers, use_ssm=i in ssm_layers,
                   use_xsa=i in xsa_layers, max_len=max_len) for i in range(n))
-        # U-Net: the first half pushes its outputs, the second half adds them back in reverse order.
-        self.num_encoder = n // 2
-        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder, n - self.num_encoder), dim))
+        # The blocks' order without and with depth recurrence (on in the trained model; training turns it on at
+        # RECUR_START_FRAC). U-Net: the first half of the order pushes its outputs, the second half adds them back
+        # in reverse order; the plain order uses the first of the looped order's skip weights.
+        r = args.recur_layers
+        plain = tuple(range(n))
+        self.orders = (plain, plain[:r[0]] + r * (1 + args.recur_loops) + plain[r[-1] + 1:] if r else plain)
+        self.looping = bool(r)
+        self.skip_weights = nn.Parameter(torch.ones(len(self.orders[1]) // 2, dim))
         nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
         for module in self.modules():
             if isinstance(module, CastedLinear) and not module.zero_init:
@@ -1035,11 +1098,13 @@ class GPT(nn.Module):
         x = self.smear(rms_norm(self.tok_emb(ids)), ids)
         x0 = x
         skips: list[Tensor] = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0)
-            if i < self.num_encoder:
+        order = self.orders[self.looping]
+        num_encoder = len(order) // 2
+        for v, i in enumerate(order):
+            if v >= num_encoder and skips:
+                x = x + self.skip_weights[v - num_encoder].to(x.dtype) * skips.pop()
+            x = self.blocks[i](x, x0)
+            if v < num_encoder:
                 skips.append(x)
         return rms_norm(x)
 
@@ -1086,7 +1151,8 @@ def check_cpu_memory(args: Hyperparameters, num_params: int, micro_tokens: int, 
     state, and the activations of one micro-batch) and stop with the way out if it cannot fit in `have` bytes
     (this machine's memory by default)."""
     hidden = int(args.mlp_mult * args.model_dim)
-    activations = 4 * micro_tokens * (args.num_layers * (12 * args.model_dim + 3 * hidden) + 3 * args.vocab_size)
+    layers = args.num_layers + len(args.recur_layers) * args.recur_loops
+    activations = 4 * micro_tokens * (layers * (12 * args.model_dim + 3 * hidden) + 3 * args.vocab_size)
     need = 20 * num_params + activations  # fp32 weights, gradients, two optimizer moments, the EMA
     have = have or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
@@ -1151,14 +1217,14 @@ class Muon(torch.optim.Optimizer):
     bitwise reproducible from one call to the next."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float, orthogonalize=None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, row_norm: bool = False):
         by_shape: dict[tuple[int, ...], list[Tensor]] = {}
         for p in params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
         super().__init__([{"params": ps} for ps in by_shape.values()],
                          dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
         self.orthogonalize = orthogonalize or zeropower_via_newtonschulz5
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.row_norm = rank, world_size, row_norm
 
     @torch.no_grad()
     def step(self) -> None:
@@ -1171,6 +1237,8 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(grads, 1 - group["momentum"])
             nesterov = grads.lerp_(buf, group["momentum"])
+            if self.row_norm:  # MuonEq-R: every row enters the orthogonalisation at the same norm
+                nesterov = nesterov / nesterov.norm(dim=-1, keepdim=True).clamp_min(1e-7)
             if self.world_size > 1:
                 share = -(-len(params) // self.world_size)
                 mine = nesterov[self.rank * share:(self.rank + 1) * share]
@@ -1208,7 +1276,7 @@ def build_optimizers(model: GPT, args: Hyperparameters, orthogonalize=None, rank
     adam = dict(betas=ADAM_BETAS, eps=ADAM_EPS, fused=next(model.parameters()).is_cuda)
     optimizers = [
         Muon(matrices, args.matrix_lr, args.muon_momentum, MUON_BACKEND_STEPS, args.muon_wd, orthogonalize, rank,
-             world_size),
+             world_size, args.muon_row_norm),
         torch.optim.AdamW(embeddings, lr=args.tied_embed_lr, weight_decay=args.adam_wd, **adam),
         torch.optim.AdamW(scalars, lr=args.scalar_lr, weight_decay=0.0, **adam),
     ]
@@ -1261,11 +1329,13 @@ class ExponentialMovingAverage:
 
 def make_train_step(model: nn.Module, base_model: GPT, optimizers: list[torch.optim.Optimizer], args: Hyperparameters,
                     place: Place):
-    """One optimizer step over the global batch (grad_accum micro-batches): schedules, backward, clip, update.
-    Returns the mean training loss of the step (this rank's share)."""
-    grad_accum, micro_seqs = args.batch_layout(place.world_size)
+    """One optimizer step over the global batch (grad_accum micro-batches): schedules (the sequence length and the
+    recurrence too), backward, clip, update. Returns the mean training loss of the step (this rank's share)."""
+    grad_accum = args.batch_layout(place.world_size)[0]
 
     def train_step(loader: DistributedTokenLoader, progress: float) -> Tensor:
+        seq_len, base_model.looping = args.train_state(progress)
+        micro_seqs = args.batch_layout(place.world_size, seq_len)[1]
         mult = lr_multiplier(progress, args)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -1274,7 +1344,7 @@ def make_train_step(model: nn.Module, base_model: GPT, optimizers: list[torch.op
             group["momentum"] = muon_momentum_at(progress, args)
         loss_sum = torch.zeros((), device=place.device)
         for micro in range(grad_accum):
-            x, y = loader.next_batch(micro_seqs, args.train_seq_len)
+            x, y = loader.next_batch(micro_seqs, seq_len)
             if place.distributed:
                 model.require_backward_grad_sync = micro == grad_accum - 1
             with torch.autocast(place.device.type, dtype=torch.bfloat16, enabled=place.cuda):
@@ -1291,16 +1361,29 @@ def make_train_step(model: nn.Module, base_model: GPT, optimizers: list[torch.op
     return train_step
 
 
+def state_changes(args: Hyperparameters) -> dict[tuple[int, bool], float]:
+    """Every (sequence length, recurrence on) a run meets, with the first fraction of the run that meets it: the
+    state changes only just after a stage of TRAIN_SEQ_SCHEDULE ends and at RECUR_START_FRAC."""
+    probes = [0.0, *(end + 1e-9 for _, end in args.train_seq_schedule[:-1])]
+    probes += [args.recur_start_frac] if args.recur_layers else []
+    states: dict[tuple[int, bool], float] = {}
+    for progress in sorted(probes):
+        states.setdefault(args.train_state(progress), progress)
+    return states
+
+
 def warm_up(train_step, base_model: GPT, optimizers: list[torch.optim.Optimizer], new_loader, steps: int,
-            log) -> DistributedTokenLoader:
-    """COMPILE PRIMING: `steps` real training steps compile and warm every kernel; then the initial weights,
-    optimizer state and data position are restored, so the timed run starts from scratch. Returns a fresh loader."""
+            log, progresses: tuple[float, ...] = (0.0,)) -> DistributedTokenLoader:
+    """COMPILE PRIMING: `steps` real training steps (at least one at each of `progresses`, the points where the
+    step's shape changes) compile and warm every kernel the run will use; then the initial weights, optimizer
+    state and data position are restored, so the timed run starts from scratch. Returns a fresh loader."""
     if steps:
         initial_model = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
         initial_optimizers = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         loader = new_loader()
+        steps = max(steps, len(progresses))
         for i in range(steps):
-            train_step(loader, 0.0)
+            train_step(loader, progresses[i * len(progresses) // steps])
             if i + 1 in (1, steps) or (i + 1) % 10 == 0:
                 log(f"warmup_step:{i + 1}/{steps}")
         base_model.load_state_dict(initial_model)
@@ -1310,12 +1393,10 @@ def warm_up(train_step, base_model: GPT, optimizers: list[torch.optim.Optimizer]
 
 
 
-def train_model(base_model: GPT, args: Hyperparameters, place: Place, train_files: list[str], log: RunLog,
-                launch: float, validate) -> tuple[DistributedTokenLoader, dict]:
-    """TRAINING: warm-up, then steps until ITERATIONS or the wall clock (MAX_WALLCLOCK_SECONDS less
-    GPTQ_RESERVE_SECONDS, kept for calibration) runs out; `validate()` gives (val_loss, val_bpb) every
-    VAL_LOSS_EVERY steps, off the clock. The model ends holding the EMA weights, the ones exported. Returns the
-    loader (calibration reads the next unseen training tokens) and the training facts."""
+def prepare_training(base_model: GPT, args: Hyperparameters, place: Place, train_files: list[str],
+                     log: RunLog) -> tuple[object, DistributedTokenLoader, dict[tuple[int, bool], float]]:
+    """The (compiled, DDP-wrapped) training step, primed at every state the run will meet (state_changes), a fresh
+    loader, and those states."""
     compile_on = place.cuda and args.compile
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if compile_on else base_model
     model = (DDP(compiled, device_ids=[place.device.index] if place.cuda else None, broadcast_buffers=False)
@@ -1323,16 +1404,35 @@ def train_model(base_model: GPT, args: Hyperparameters, place: Place, train_file
     orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_on else None
     optimizers = build_optimizers(base_model, args, orthogonalize, place.rank, place.world_size)
     train_step = make_train_step(model, base_model, optimizers, args, place)
+    states = state_changes(args)
+    if compile_on:  # one graph per state: past the limit dynamo would run the rest eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(states) + 1)
+    if len(states) > 1:
+        log("train_states: " + ", ".join(f"seq_len:{n} recurrence:{int(on)} from:{p:.3f}" for (n, on), p in
+                                         states.items()))
 
     def new_loader() -> DistributedTokenLoader:
         return DistributedTokenLoader(train_files, args.vocab_size, place.rank, place.world_size, place.device)
 
-    loader = warm_up(train_step, base_model, optimizers, new_loader, args.warmup_steps, log)
+    loader = warm_up(train_step, base_model, optimizers, new_loader, args.warmup_steps, log, tuple(states.values()))
+    return train_step, loader, states
+
+
+def train_model(base_model: GPT, args: Hyperparameters, place: Place, train_files: list[str], log: RunLog,
+                launch: float, validate) -> tuple[DistributedTokenLoader, dict]:
+    """TRAINING: warm-up, then steps until ITERATIONS or the wall clock (MAX_WALLCLOCK_SECONDS less
+    GPTQ_RESERVE_SECONDS, kept for calibration) runs out; `validate()` gives (val_loss, val_bpb) every
+    VAL_LOSS_EVERY steps, off the clock. The model ends holding the EMA weights, the ones exported, and the
+    recurrence on. Returns the loader (calibration reads the next unseen training tokens) and the training facts."""
+    train_step, loader, states = prepare_training(base_model, args, place, train_files, log)
+    state = next(iter(states))
     # The clock counts training steps only (not validation); GPTQ_RESERVE_SECONDS of the budget are kept for
     # calibration, which also reads training data.
     budget_ms = 1000 * (args.max_wallclock_seconds - args.gptq_reserve_seconds) if args.max_wallclock_seconds else 0
     ema = ExponentialMovingAverage(base_model, args.ema_horizon_frac)
     training_ms, elapsed_ms, step, stop_after_step = 0.0, 0.0, 0, None
+    graphs = torch._dynamo.utils.counters["stats"] if place.cuda and args.compile else {}
+    graphs_primed = graphs.get("unique_graphs", 0)  # a graph compiled in the timed loop would cost its seconds
     sync(place)
     log(f"time_to_first_step:{time.perf_counter() - launch:.1f}s (setup, compile and warm-up)")
     t0 = time.perf_counter()
@@ -1349,6 +1449,9 @@ def train_model(base_model: GPT, args: Hyperparameters, place: Place, train_file
         if last_step:
             break
         progress = max(step / args.iterations, elapsed_ms / budget_ms if budget_ms else 0.0)
+        if args.train_state(min(progress, 1.0)) != state:  # train_step follows the same schedule
+            state = args.train_state(min(progress, 1.0))
+            log(f"train_state step:{step} seq_len:{state[0]} recurrence:{int(state[1])}")
         train_loss = train_step(loader, min(progress, 1.0))
         step += 1
         ema.update(step, max(progress, 1e-9))
@@ -1370,11 +1473,15 @@ def train_model(base_model: GPT, args: Hyperparameters, place: Place, train_file
         log(f"stopping_early: wallclock_cap train_time:{training_ms:.0f}ms step:{step}/{args.iterations}")
     tokens_per_s = step * args.train_batch_tokens / (training_ms / 1000)
     log(f"train_summary steps:{step} train_time:{training_ms:.0f}ms step_avg:{training_ms / step:.2f}ms "
-        f"tokens_per_s:{tokens_per_s:.0f}")
+        f"tokens_per_s:{tokens_per_s:.0f}"
+        + (f" graphs_compiled_after_warmup:{graphs['unique_graphs'] - graphs_primed}" if graphs else ""))
     if place.cuda:
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     ema.copy_to_model()
+    base_model.looping = bool(args.recur_layers)
+    if args.recur_layers and not state[1]:
+        log(f"WARNING: the run ended before RECUR_START_FRAC={args.recur_start_frac}: the loop was never trained")
     if place.distributed:
         check_replicas(base_model, log)
     return loader, {"steps": step, "step_avg_ms": training_ms / step, "train_time_ms": training_ms, "ema": True,
@@ -1416,7 +1523,8 @@ ARTIFACT_MAGIC = b"S4DXSA5\n"
 # Knobs an artifact or checkpoint fixes: evaluating it rebuilds the model from these, whatever the environment says.
 MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
               "ROPE_DIMS", "ROPE_BASE", "QK_GAIN_INIT", "LOGIT_SOFTCAP", "XSA_LAST_N", "SSM_LAYERS", "SSM_MODE",
-              "SSM_KERNEL", "SSM_KERNEL_SIZE", "SSM_STATE_DIM")
+              "SSM_KERNEL", "SSM_KERNEL_SIZE", "SSM_STATE_DIM", "RECUR_LAYERS", "RECUR_LOOPS", "PARALLEL_RESIDUAL_FROM",
+              "ATTN_GATE")
 CHECKPOINT_FORMAT = "s4d_xsa_checkpoint_v2"
 GPTQ_CALIB_MICRO_SEQS = 8  # calibration runs eager forward and backward passes: small batches keep memory low
 GPTQ_BLOCK_SIZE, GPTQ_DAMP = 128, 0.01  # columns per error-feedback block; damping, a share of mean(diag H)
