@@ -78,6 +78,35 @@ def test_no_loss_depends_on_a_later_token():
         assert not torch.equal(after[t - 1:], base[t - 1:]), t
 
 
+def test_no_prediction_depends_on_its_own_target(monkeypatch):
+    """Target t - 1's loss may change with token t, its answer, but its predicted distribution may not: beside each
+    loss the pass here also records the loss a fixed token (0) would have had in the same forward, and that does
+    not move at t - 1 either. An update that trained on the next chunk's first target would show here only."""
+    real_losses, real_record, probe = tg.GPT.token_losses, tg.record_scores, {}
+
+    def token_losses(self, ids, targets, lora=None):
+        with torch.no_grad():
+            probe["last"] = real_losses(self, ids, torch.zeros_like(targets), lora).double()
+        return real_losses(self, ids, targets, lora)
+
+    def record(losses, pos, now, target_bytes, tally, per_target):
+        real_record(losses, pos, now, target_bytes, tally, per_target)
+        probe["per_target"].index_put_((pos[now],), probe["last"][now], accumulate=True)
+
+    monkeypatch.setattr(tg.GPT, "token_losses", token_losses)
+    monkeypatch.setattr(tg, "record_scores", record)
+
+    def probes(tokens: torch.Tensor) -> torch.Tensor:
+        probe["per_target"] = torch.zeros(tokens.numel() - 1, dtype=torch.float64)
+        lora_per_target(tokens)
+        return probe["per_target"]
+
+    tokens = doc_stream()
+    base = probes(tokens)
+    for t in (9, 17, 84, 201, 343):  # the first target of a document's next chunk predicts token t
+        assert torch.equal(probes(changed(tokens, t))[:t], base[:t]), t
+
+
 def test_a_document_is_seen_by_its_own_targets_and_after_the_phase_only():
     """Without the phase a document's tokens reach no other document's scores; with it, only documents after the
     phase's bound see those before it."""
