@@ -2184,6 +2184,7 @@ def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, T
     device, chunk, seq_len = tokens.device, args.ttt_lora_chunk, args.eval_seq_len
     lengths = docs[:, 1] - docs[:, 0]
     num_chunks = -(-lengths // chunk)
+    first_t, lengths_t = (torch.from_numpy(x).to(device) for x in (docs[:, 0], lengths))  # one copy a batch
     lora = DocumentLoRA({k: a[:len(docs)] for k, a in a_init.items()}, {k: o for k, (_, o) in sizes.items()},
                         args.ttt_lora_rank)
     params = list(lora.parameters())
@@ -2192,12 +2193,13 @@ def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, T
                  torch.optim.SGD(params, lr=args.ttt_lora_lr, weight_decay=args.ttt_lora_wd))
     for i in range(int(num_chunks.max())):
         m = int((num_chunks > i).sum())  # the documents still being scored are the first m
-        ends = np.minimum((i + 1) * chunk, lengths[:m])
-        starts = np.maximum(0, ends - seq_len)
-        offsets = torch.arange(int((ends - starts).max()), device=device)
-        pos = (torch.from_numpy(docs[:m, 0] + starts).to(device)[:, None] + offsets).clamp(max=scored.numel() - 1)
-        inside = offsets < torch.from_numpy(ends - starts).to(device)[:, None]
-        now = inside & (offsets >= torch.from_numpy(i * chunk - starts).to(device)[:, None])
+        width = int(min(seq_len, (i + 1) * chunk, lengths[0]))  # the longest window, known on the host: no sync
+        ends = lengths_t[:m].clamp(max=(i + 1) * chunk)
+        starts = (ends - seq_len).clamp(min=0)
+        offsets = torch.arange(width, device=device)
+        pos = (first_t[:m, None] + starts[:, None] + offsets).clamp(max=scored.numel() - 1)
+        inside = offsets < (ends - starts)[:, None]
+        now = inside & (offsets >= (i * chunk - starts)[:, None])
         trains = num_chunks[:m] > i + 1  # never a document's last chunk
         with torch.set_grad_enabled(bool(trains.any())):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
@@ -2205,7 +2207,7 @@ def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, T
         record_scores(losses.detach(), pos, now, target_bytes, tally, per_target)
         if not trains.any():
             continue
-        weight = now * torch.from_numpy(trains).to(device)[:, None] / now.sum(dim=1, keepdim=True)
+        weight = now * (lengths_t[:m, None] > (i + 1) * chunk) / now.sum(dim=1, keepdim=True)
         tally["late"] += ((scored[pos] == 0) & (weight > 0)).any()  # what this update reads, against what is scored
         (losses * weight).sum().backward()
         optimizer.step()
