@@ -189,9 +189,10 @@ class Hyperparameters:
         # lora, as the records ran it: rank 80 (#1855), Adam lr 8e-5 and weight decay 2.0 (#2135), 48-target chunks
         # (#1586 on), 64 documents a batch (#1530), no Q/K/V adapters (#1953, #2135), one global SGD phase after
         # ~20% of the stream (#2135: 289 chunks of 32K of its 47.9M targets). On 8xH100, FineWeb val (40.5M targets,
-        # 50K documents): a chunk's forward re-reads its document up to EVAL_SEQ_LEN back, so ~14K chunk steps of
-        # 64 documents make 0.6-1.4G token positions of forward and backward (lognormal lengths, mean 811), 75-175M
-        # a GPU: 60-140 s at 1.3M positions/s, a third of the 3.5M/s an H200 scores at; the phase (8M targets) ~10 s.
+        # 50K documents): a chunk's forward re-reads its document up to EVAL_SEQ_LEN back, so 14-16K chunk steps of
+        # 64 documents (~1,900 a GPU) make 0.6-1.0G token positions of forward and backward (lognormal lengths, mean
+        # 811): 60-95 s a GPU at 1.3M positions/s (a third of the 3.5M/s an H200 scores at), eager perhaps twice
+        # that; #1855's loop, 1.8x our FLOPs a token, took ~400 s. The phase, 8M targets once: ~10 s.
         self.ttt_lora_rank = self._int("TTT_LORA_RANK", 80, lo=1)
         self.ttt_lora_lr = self._float("TTT_LORA_LR", 8e-5, lo=0.0)
         self.ttt_lora_wd = self._float("TTT_LORA_WD", 2.0, lo=0.0)
