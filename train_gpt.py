@@ -30,7 +30,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
@@ -46,6 +46,8 @@ except ImportError:
     fa3_attention = None
 
 SIZE_LIMIT_BYTES = 16_000_000
+# Where per-document TTT may put adapters: the logits, each attention or S4D mixer's output, each MLP's output.
+LORA_TARGETS = ("head", "attn", "ssm", "mlp")
 # Where the official download scripts put each vocabulary's shards and tokenizer.
 DATA_PATH_PATTERN = "./data/datasets/fineweb10B_sp{}"
 TOKENIZER_PATH_PATTERN = "./data/tokenizers/fineweb_{}_bpe.model"
@@ -68,7 +70,8 @@ OWNED_PREFIXES = (
 MOVED_KNOBS = {"EVAL_ARTIFACT": "python3 scripts/evaluate.py --artifact PATH",
                "EXPORT_CHECKPOINT": "python3 scripts/evaluate.py --checkpoint PATH",
                "QUANT_ALLOC": "QUANT_UNIFORM_BITS=N (0: widths by sensitivity)", "QUANT_BITS": "QUANT_UNIFORM_BITS=N",
-               "EMBED_QUANT_BITS": "QUANT_UNIFORM_BITS=N", "SSM_LR": "SCALAR_LR (the S4D kernels' rate)"}
+               "EMBED_QUANT_BITS": "QUANT_UNIFORM_BITS=N", "SSM_LR": "SCALAR_LR (the S4D kernels' rate)",
+               "TTT_ENABLED": "TTT_MODE=off, sgd or lora"}
 DELETED_KNOBS = ("QKV_CONV_SIZE", "BIGRAM_VOCAB_SIZE", "BIGRAM_DIM", "VE_LAYERS", "VE_DIM", "EMBED_GPTQ",
                  "PASSTHROUGH_FP16", "PRE_EXPORT_SLIDING", "EMA_ENABLED", "SMEAR_GATE")
 # Variables of the launcher (torchrun), the accelerator stack and the shell are never knobs, however close to one
@@ -194,15 +197,33 @@ class Hyperparameters:
         self.train_seq_schedule = self._seq_schedule("TRAIN_SEQ_SCHEDULE")
 
     def _read_evaluation(self) -> None:
-        """Evaluation. EVAL_STRIDE=0 skips the sliding pass."""
+        """Evaluation and test-time training. EVAL_STRIDE=0 skips the sliding pass."""
         self.eval_seq_len = self._int("EVAL_SEQ_LEN", 2048, lo=2)
         self.eval_stride = self._int("EVAL_STRIDE", 64, lo=0)
         self.eval_batch_seqs = self._int("EVAL_BATCH_SEQS", 32, lo=1)
         self.val_max_tokens = self._int("VAL_MAX_TOKENS", 0, lo=0)  # 0 = the whole split (the official score)
-        self.ttt_enabled = self._bool("TTT_ENABLED", True)  # a third, score-first test-time-training pass
+        # Score-first test-time training, the last pass: sgd (every weight, chunked over the stream), lora
+        # (per-document adapters on the frozen artifact) or off.
+        self.ttt_mode = self._choice("TTT_MODE", "sgd", ("off", "sgd", "lora"))
         self.ttt_lr = self._float("TTT_LR", 0.005, lo=0.0)
         self.ttt_epochs = self._int("TTT_EPOCHS", 3, lo=1)
-        self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32_768, lo=1)
+        self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32_768, lo=1)  # sgd's chunks, and lora's phase's
+        # lora, as the records ran it: rank 80 (#1855), Adam lr 8e-5 and weight decay 2.0 (#2135), 48-target chunks
+        # (#1586 on), 64 documents a batch (#1530), no Q/K/V adapters (#1953, #2135), one global SGD phase after
+        # ~20% of the stream (#2135: 289 chunks of 32K of its 47.9M targets). On 8xH100, FineWeb val (40.5M targets,
+        # 50K documents): a chunk's forward re-reads its document up to EVAL_SEQ_LEN back, so 14-16K chunk steps of
+        # 64 documents (~1,900 a GPU) make 0.6-1.0G token positions of forward and backward (lognormal lengths, mean
+        # 811): 60-95 s a GPU at 1.3M positions/s (a third of the 3.5M/s an H200 scores at), eager perhaps twice
+        # that; #1855's loop, 1.8x our FLOPs a token, took ~400 s. The phase, 8M targets once: ~10 s.
+        self.ttt_lora_rank = self._int("TTT_LORA_RANK", 80, lo=1)
+        self.ttt_lora_lr = self._float("TTT_LORA_LR", 8e-5, lo=0.0)
+        self.ttt_lora_wd = self._float("TTT_LORA_WD", 2.0, lo=0.0)
+        self.ttt_lora_optimizer = self._choice("TTT_LORA_OPTIMIZER", "adam", ("adam", "sgd"))
+        self.ttt_lora_chunk = self._int("TTT_LORA_CHUNK", 48, lo=1)
+        self.ttt_lora_docs = self._int("TTT_LORA_DOCS", 64, lo=1)
+        self.ttt_lora_targets = self._subset("TTT_LORA_TARGETS", "head,attn,ssm,mlp", LORA_TARGETS)
+        self.ttt_phase_frac = self._float("TTT_PHASE_FRAC", 0.2, lo=0.0, hi=1.0)
+        self.ttt_phase_lr = self._float("TTT_PHASE_LR", 0.001, lo=0.0)
 
     # Typed readers: each records the value for the log and names the variable in every error.
     def _raw(self, name: str, default: object) -> str:
@@ -246,6 +267,13 @@ class Hyperparameters:
         if raw not in options:
             raise ValueError(f"{name}={raw!r} must be one of {', '.join(options)}")
         return self._record(name, raw)
+
+    def _subset(self, name: str, default: str, options: tuple[str, ...]) -> tuple[str, ...]:
+        raw = self._raw(name, default)
+        items = tuple(x for x in raw.replace(" ", "").split(",") if x)
+        if not items or len(set(items)) != len(items) or not set(items) <= set(options):
+            raise ValueError(f"{name}={raw!r} must list one or more distinct items of {', '.join(options)}")
+        return self._record(name, items)
 
     def _int_list(self, name: str, default: str) -> tuple[int, ...]:
         raw = self._raw(name, default).strip()
@@ -299,6 +327,8 @@ class Hyperparameters:
             raise ValueError(f"QUANT_MIN_BITS={self.quant_min_bits} exceeds QUANT_MAX_BITS={self.quant_max_bits}")
         if self.eval_stride > self.eval_seq_len:
             raise ValueError(f"EVAL_STRIDE={self.eval_stride} must not exceed EVAL_SEQ_LEN={self.eval_seq_len}")
+        if self.ttt_mode == "lora" and self.ttt_lora_chunk > self.eval_seq_len:
+            raise ValueError(f"TTT_LORA_CHUNK={self.ttt_lora_chunk} must not exceed EVAL_SEQ_LEN={self.eval_seq_len}")
         if self.max_wallclock_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ValueError("GPTQ_RESERVE_SECONDS must be smaller than MAX_WALLCLOCK_SECONDS")
 
@@ -1033,7 +1063,9 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         self.parallel = layer_idx >= args.parallel_residual_from > 0
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, mix_lora: Callable[[Tensor], Tensor] | None = None,
+                mlp_lora: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The LoRA bypasses (test-time training) read the normed input of the mixer or MLP and add to its output."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x) * self.ln_scale
@@ -1043,8 +1075,12 @@ class Block(nn.Module):
             mixed = self.attn(h)
         else:
             mixed = self.ssm(h)
+        if mix_lora is not None:
+            mixed = mixed + mix_lora(h)
         x = x + self.mix_scale.to(x.dtype) * mixed
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(h if self.parallel else rms_norm(x) * self.ln_scale)
+        n = h if self.parallel else rms_norm(x) * self.ln_scale
+        out = self.mlp(n) if mlp_lora is None else self.mlp(n) + mlp_lora(n)
+        return x + self.mlp_scale.to(x.dtype) * out
 
 
 class SmearGate(nn.Module):
@@ -1094,7 +1130,9 @@ class GPT(nn.Module):
             if isinstance(module, CastedLinear) and not module.zero_init:
                 nn.init.orthogonal_(module.weight)
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    def hidden(self, ids: Tensor, lora: dict[str, Callable[[Tensor], Tensor]] | None = None) -> Tensor:
+        """lora: per-document adapters by site (DocumentLoRA.sites), for test-time training."""
+        lora = lora or {}
         x = self.smear(rms_norm(self.tok_emb(ids)), ids)
         x0 = x
         skips: list[Tensor] = []
@@ -1103,7 +1141,7 @@ class GPT(nn.Module):
         for v, i in enumerate(order):
             if v >= num_encoder and skips:
                 x = x + self.skip_weights[v - num_encoder].to(x.dtype) * skips.pop()
-            x = self.blocks[i](x, x0)
+            x = self.blocks[i](x, x0, lora.get(f"mix{i}"), lora.get(f"mlp{i}"))
             if v < num_encoder:
                 skips.append(x)
         return rms_norm(x)
@@ -1123,12 +1161,55 @@ class GPT(nn.Module):
         logits = self.logits(self.hidden(ids))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def token_losses(self, ids: Tensor, targets: Tensor) -> Tensor:
+    def token_losses(self, ids: Tensor, targets: Tensor,
+                     lora: dict[str, Callable[[Tensor], Tensor]] | None = None) -> Tensor:
         """[B, T] cross-entropy of every position."""
-        logits = self.logits(self.hidden(ids))
+        h = self.hidden(ids, lora)
+        logits = self.head(h) if lora is None or "head" not in lora else self.head(h) + lora["head"](h).float()
+        logits = self.softcap(logits)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
 
+# The records' LoRA output scale, alpha / rank (#1767 on): the step size does not change with the rank. Adam
+# without momentum (each chunk is new text) and a short second-moment memory (#1855).
+LORA_ALPHA = 144.0
+LORA_BETAS = (0.0, 0.99)
+
+
+class DocumentLoRA(nn.Module):
+    """Test-time adapters, one set per document of a batch: at each site a low-rank map x -> scale * x A^T B^T with
+    its own A [rank, in] and B [out, rank] for every document (a leading document dimension). An input of n < docs
+    rows uses the first n documents' adapters (a batch's documents run longest first, so those still being scored).
+    B starts at zero, so fresh adapters leave the model unchanged; A starts from `a_init`."""
+
+    def __init__(self, a_init: dict[str, Tensor], out_features: dict[str, int], rank: int):
+        super().__init__()
+        self.a = nn.ParameterDict({k: nn.Parameter(a.clone()) for k, a in a_init.items()})
+        self.b = nn.ParameterDict({k: nn.Parameter(a.new_zeros(a.size(0), out_features[k], rank))
+                                   for k, a in a_init.items()})
+        self.scale = LORA_ALPHA / rank
+        self.sites = {k: self._site(k) for k in a_init}
+
+    def _site(self, name: str) -> Callable[[Tensor], Tensor]:
+        def apply(x: Tensor) -> Tensor:
+            n = x.size(0)
+            return (x @ self.a[name][:n].transpose(1, 2)) @ self.b[name][:n].transpose(1, 2) * self.scale
+        return apply
+
+
+def lora_sites(model: GPT, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every adapter site TTT_LORA_TARGETS selects. The S4D mixer gets the same output bypass
+    as attention ("ssm"): the records' output-side adapters (attention output, MLP, head) helped where the ones on
+    what is mixed (Q, K, V; here in_proj's gate and values) did not (#1953, #2135)."""
+    dim, sites = model.tok_emb.embedding_dim, {}
+    if "head" in targets:
+        sites["head"] = (dim, model.tok_emb.num_embeddings)
+    for i, block in enumerate(model.blocks):
+        if ("attn" in targets and block.attn is not None) or ("ssm" in targets and block.ssm is not None):
+            sites[f"mix{i}"] = (dim, dim)
+        if "mlp" in targets:
+            sites[f"mlp{i}"] = (dim, dim)
+    return sites
 
 
 def configure_inductor() -> str:
@@ -2063,9 +2144,11 @@ def plan_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarra
 
 @torch.no_grad()
 def score_windows(token_losses, val: dict, starts: np.ndarray, firsts: np.ndarray, seq_len: int, batch_seqs: int,
-                  device: torch.device, use_autocast: bool, sums: Tensor, per_target: Tensor | None) -> None:
+                  device: torch.device, use_autocast: bool, sums: Tensor, per_target: Tensor | None,
+                  lengths: np.ndarray | None = None) -> None:
     """Add the loss, target count and target bytes of the scored positions of these windows to `sums` (and each
-    target's loss to `per_target`, when given)."""
+    target's loss to `per_target`, when given). With `lengths`, a window holds only its first lengths[i] tokens
+    (the rest is token 0, unscored): a document's window never reads the next document."""
     tokens, target_bytes = val["tokens"], val["target_bytes"]
     offsets = torch.arange(seq_len, device=device)
     for b0 in range(0, len(starts), batch_seqs):
@@ -2076,9 +2159,16 @@ def score_windows(token_losses, val: dict, starts: np.ndarray, firsts: np.ndarra
             s = torch.cat((s, s[-1:].expand(pad)))
             f = torch.cat((f, torch.full((pad,), seq_len, device=device, dtype=f.dtype)))
         pos = s[:, None] + offsets[None, :]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            losses = token_losses(tokens[pos], tokens[pos + 1])
         mask = offsets[None, :] >= f[:, None]  # multiplied, not indexed: boolean indexing would sync the host
+        if lengths is None:
+            ids, targets = tokens[pos], tokens[pos + 1]
+        else:
+            n = torch.from_numpy(lengths[b0:b0 + batch_seqs]).to(device)
+            inside = offsets[None, :] < F.pad(n, (0, batch_seqs - n.numel()))[:, None]
+            pos = pos.clamp(max=target_bytes.numel() - 1)  # a short last document's window may run past the stream
+            ids, targets, mask = tokens[pos] * inside, tokens[pos + 1] * inside, mask & inside
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            losses = token_losses(ids, targets)
         sums[0] += (losses.double() * mask).sum()
         sums[1] += mask.sum()
         sums[2] += (target_bytes[pos] * mask).sum()
@@ -2123,6 +2213,38 @@ def evaluate(token_losses, val: dict, seq_len: int, stride: int, batch_seqs: int
     return finish_scores(sums, num_targets, world_size, per_target)
 
 
+def chunk_sequences(lo: int, end: int, seq_len: int, seqs_per_rank: int, rank: int, world_size: int,
+                    device: torch.device) -> tuple[list[int], Tensor, Tensor]:
+    """The sequences of seq_len targets that end at `end` and tile [lo, end) backwards (the earliest may reach
+    before lo: targets already scored too), this rank's share of their starts padded to seqs_per_rank (one
+    compiled shape), and the weights that make the loss summed over ranks the chunk's mean."""
+    seq_starts = [max(0, end - k * seq_len) for k in range(1, -(-(end - lo) // seq_len) + 1)]
+    share = seq_starts[rank_share(len(seq_starts), rank, world_size)]
+    weight = torch.zeros(seqs_per_rank, 1, device=device)
+    weight[:len(share)] = 1.0 / (len(seq_starts) * seq_len)
+    return seq_starts, torch.tensor((share + [0] * seqs_per_rank)[:seqs_per_rank], device=device), weight
+
+
+def sgd_steps(token_losses, params: list[Tensor], optimizer: torch.optim.Optimizer, tokens: Tensor, pos: Tensor,
+              weight: Tensor, epochs: int, world_size: int, use_autocast: bool) -> None:
+    """`epochs` steps on the weighted loss of the targets at `pos`, the gradient summed over ranks (every rank
+    takes the same step) and its norm clipped to 1."""
+    for _ in range(epochs):
+        with torch.autocast(pos.device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            loss = (token_losses(tokens[pos], tokens[pos + 1]) * weight).sum()
+        loss.backward()
+        if world_size > 1:
+            grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            dist.all_reduce(grads)
+            offset = 0
+            for p in params:
+                p.grad = grads[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, rank: int, world_size: int,
                  device: torch.device, use_autocast: bool,
                  per_target: Tensor | None = None) -> tuple[float, float, int, dict]:
@@ -2154,13 +2276,7 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
         lo, end = bounds[c]
         if c == len(chunks) - 1:
             break
-        # sequences of seq_len targets ending at the chunk's end and tiling it backwards (the earliest may reach
-        # into targets scored before the chunk: also already scored)
-        seq_starts = [max(0, end - k * seq_len) for k in range(1, -(-(end - lo) // seq_len) + 1)]
-        share = seq_starts[rank_share(len(seq_starts), rank, world_size)]
-        weight = torch.zeros(seqs_per_rank, 1, device=device)
-        weight[:len(share)] = 1.0 / (len(seq_starts) * seq_len)  # the chunk's mean loss, summed over ranks
-        s = torch.tensor((share + [0] * seqs_per_rank)[:seqs_per_rank], device=device)
+        seq_starts, s, weight = chunk_sequences(lo, end, seq_len, seqs_per_rank, rank, world_size, device)
         pos = s[:, None] + offsets[None, :]
         # Measured, not planned: the windows score the stream from its start without gaps, so the number of targets
         # the ranks have scored so far is where the scored prefix ends. The loss below reads target p (the token at
@@ -2172,29 +2288,207 @@ def evaluate_ttt(model: GPT, token_losses, val: dict, args: Hyperparameters, ran
         late += int(scored_and_read[1] >= scored_and_read[0])
         for group in optimizer.param_groups:
             group["lr"] = args.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / (len(chunks) - 1)))  # > 0 to the end
-        for _ in range(args.ttt_epochs):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                loss = (token_losses(tokens[pos], tokens[pos + 1]) * weight).sum()
-            loss.backward()
-            if world_size > 1:
-                grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                                   for p in params])
-                dist.all_reduce(grads)
-                offset = 0
-                for p in params:
-                    p.grad = grads[offset:offset + p.numel()].view_as(p)
-                    offset += p.numel()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            updates += 1
+        sgd_steps(token_losses, params, optimizer, tokens, pos, weight, args.ttt_epochs, world_size, use_autocast)
+        updates += args.ttt_epochs
         trained_targets += len(seq_starts) * seq_len
     loss, bpb, count = finish_scores(sums, num_targets, world_size, per_target)
     facts = {"method": "score-first chunked SGD on all weights", "on": "dequantized artifact", "chunks": len(chunks),
-             "updates": updates,
-             "trained_targets_per_epoch": trained_targets, "chunk_tokens": args.ttt_chunk_tokens,
+             "updates": updates, "trained_targets_per_epoch": trained_targets, "chunk_tokens": args.ttt_chunk_tokens,
              "epochs": args.ttt_epochs, "lr": args.ttt_lr, "updates_on_unscored_targets": late,
              "score_first": late == 0}
+    return loss, bpb, count, facts
+
+
+def find_documents(tokens: Tensor, bos_id: int) -> np.ndarray:
+    """[documents, 2]: each document's first target and end. A document's targets run from its BOS to the one that
+    predicts the next BOS; the targets before the first BOS form one too."""
+    num_targets = tokens.numel() - 1
+    starts = np.union1d([0], torch.nonzero(tokens[:num_targets] == bos_id).flatten().cpu().numpy())
+    return np.stack((starts, np.append(starts[1:], num_targets)), axis=1)
+
+
+def document_windows(length: int, seq_len: int, chunk: int, adapt: bool) -> np.ndarray:
+    """[windows, 3]: (start, first scored target, end) relative to a document of `length` targets, in order. Chunk
+    i holds targets [i * chunk, (i + 1) * chunk); each window ends at a chunk's end and reaches back as far as
+    seq_len and the document allow. adapt: one window per chunk (its update needs the forward that scored it).
+    Otherwise the chunks that a window from the document's start covers share it: the same contexts, fewer
+    forwards."""
+    ends = list(range(chunk, length, chunk)) + [length]
+    windows, first = [], 0
+    for k, end in enumerate(ends):
+        if not adapt and k + 1 < len(ends) and ends[k + 1] <= seq_len:
+            continue
+        windows.append((max(0, end - seq_len), first, end))
+        first = end
+    return np.asarray(windows, dtype=np.int64)
+
+
+def evaluate_documents(token_losses, val: dict, args: Hyperparameters, bos_id: int, rank: int, world_size: int,
+                       device: torch.device, use_autocast: bool,
+                       per_target: Tensor | None = None) -> tuple[float, float, int]:
+    """Every document alone, with fixed weights, in the windows of the lora pass (document_windows): each target
+    sees its own document only, with the context the lora pass gives it. lora minus this is what adaptation
+    gained; this minus the sliding score, what the other documents' context was worth."""
+    num_targets = val["tokens"].numel() - 1
+    seq_len = min(args.eval_seq_len, num_targets)
+    windows = np.concatenate([document_windows(int(z - a), seq_len, args.ttt_lora_chunk, adapt=False) + a
+                              for a, z in find_documents(val["tokens"], bos_id)])
+    starts, firsts, lengths = windows[:, 0], windows[:, 1] - windows[:, 0], windows[:, 2] - windows[:, 0]
+    mine = rank_share(len(starts), rank, world_size)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    score_windows(token_losses, val, starts[mine], firsts[mine], seq_len, args.eval_batch_seqs, device, use_autocast,
+                  sums, per_target, lengths[mine])
+    return finish_scores(sums, num_targets, world_size, per_target)
+
+
+def balance(costs: list[float], world_size: int) -> list[list[int]]:
+    """Items per rank: the costliest next, to the least loaded rank; each rank's in their original order."""
+    loads, shares = [0.0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        r = loads.index(min(loads))
+        shares[r].append(i)
+        loads[r] += costs[i]
+    return [sorted(share) for share in shares]
+
+
+def record_scores(losses: Tensor, pos: Tensor, now: Tensor, target_bytes: Tensor, tally: dict,
+                  per_target: Tensor | None) -> None:
+    """Count the losses of the targets at pos where `now` holds, and mark those targets scored."""
+    kept = losses.double()
+    for k, value in enumerate((kept * now, now, target_bytes[pos] * now)):
+        tally["sums"][k] += value.sum()
+    tally["scored"].scatter_reduce_(0, pos.flatten(), now.flatten().to(torch.uint8), "amax")
+    if per_target is not None:
+        per_target.index_put_((pos[now],), kept[now], accumulate=True)
+
+
+def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, Tensor], sizes: dict,
+                    args: Hyperparameters, use_autocast: bool, tally: dict, per_target: Tensor | None) -> None:
+    """One batch of documents, longest first, each with fresh adapters (B = 0; A from a_init): chunk i of every
+    document still running is scored in one forward, each document in its own window; then each document's
+    adapters take one step on its mean loss over that chunk, unless it was its last. The scored targets go to
+    tally, and every update checks the targets its loss weights read against the targets scored so far."""
+    tokens, target_bytes, scored = val["tokens"], val["target_bytes"], tally["scored"]
+    device, chunk, seq_len = tokens.device, args.ttt_lora_chunk, args.eval_seq_len
+    lengths = docs[:, 1] - docs[:, 0]
+    num_chunks = -(-lengths // chunk)
+    first_t, lengths_t = (torch.from_numpy(x).to(device) for x in (docs[:, 0], lengths))  # one copy a batch
+    lora = DocumentLoRA({k: a[:len(docs)] for k, a in a_init.items()}, {k: o for k, (_, o) in sizes.items()},
+                        args.ttt_lora_rank)
+    params = list(lora.parameters())
+    optimizer = (torch.optim.AdamW(params, lr=args.ttt_lora_lr, betas=LORA_BETAS, eps=1e-10,
+                                   weight_decay=args.ttt_lora_wd) if args.ttt_lora_optimizer == "adam" else
+                 torch.optim.SGD(params, lr=args.ttt_lora_lr, weight_decay=args.ttt_lora_wd))
+    for i in range(int(num_chunks.max())):
+        m = int((num_chunks > i).sum())  # the documents still being scored are the first m
+        width = int(min(seq_len, (i + 1) * chunk, lengths[0]))  # the longest window, known on the host: no sync
+        ends = lengths_t[:m].clamp(max=(i + 1) * chunk)
+        starts = (ends - seq_len).clamp(min=0)
+        offsets = torch.arange(width, device=device)
+        pos = (first_t[:m, None] + starts[:, None] + offsets).clamp(max=scored.numel() - 1)
+        inside = offsets < (ends - starts)[:, None]
+        now = inside & (offsets >= (i * chunk - starts)[:, None])
+        trains = num_chunks[:m] > i + 1  # never a document's last chunk
+        with torch.set_grad_enabled(bool(trains.any())):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                losses = model.token_losses(tokens[pos] * inside, tokens[pos + 1] * inside, lora.sites)
+        record_scores(losses.detach(), pos, now, target_bytes, tally, per_target)
+        if not trains.any():
+            continue
+        weight = now * (lengths_t[:m, None] > (i + 1) * chunk) / now.sum(dim=1, keepdim=True)
+        tally["late"] += ((scored[pos] == 0) & (weight > 0)).any()  # what this update reads, against what is scored
+        (losses * weight).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tally["updates"] += 1
+        tally["document_updates"] += int(trains.sum())
+
+
+def global_phase(model: GPT, val: dict, end: int, scored: Tensor, args: Hyperparameters, rank: int, world_size: int,
+                 use_autocast: bool) -> dict:
+    """TTT_MODE=lora's global phase (#1610 on): one pass of SGD on every weight over the stream's targets [0, end),
+    whole documents that every rank has scored by then, trained as the sgd pass trains (chunks of
+    TTT_CHUNK_TOKENS targets, momentum 0.9, clip 1, cosine from TTT_PHASE_LR). Each update's targets are checked
+    against those the ranks scored."""
+    tokens, device = val["tokens"], val["tokens"].device
+    seq_len = min(args.eval_seq_len, end)
+    seqs_per_rank = -(-(-(-min(args.ttt_chunk_tokens, end) // seq_len)) // world_size)
+    num_chunks = -(-end // args.ttt_chunk_tokens)
+    if world_size > 1:
+        dist.all_reduce(scored, op=dist.ReduceOp.MAX)
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=args.ttt_phase_lr, momentum=TTT_MOMENTUM)
+    offsets = torch.arange(seq_len, device=device)
+    late = torch.zeros(num_chunks, dtype=torch.int64, device=device)  # per update: read a target not scored
+    for c in range(num_chunks):
+        _, s, weight = chunk_sequences(c * args.ttt_chunk_tokens, min((c + 1) * args.ttt_chunk_tokens, end), seq_len,
+                                       seqs_per_rank, rank, world_size, device)
+        pos = s[:, None] + offsets[None, :]
+        late[c] = ((scored[pos] == 0) & (weight > 0)).any()
+        for group in optimizer.param_groups:
+            group["lr"] = args.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * c / num_chunks))
+        sgd_steps(model.token_losses, params, optimizer, tokens, pos, weight, 1, world_size, use_autocast)
+    for p in params:
+        p.requires_grad_(False)
+    if world_size > 1:  # an update is late if any rank's share of it read a target not scored
+        dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return {"targets": end, "chunks": num_chunks, "lr": args.ttt_phase_lr, "late": int(late.sum())}
+
+
+def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world_size: int, use_autocast: bool,
+                  per_target: Tensor | None = None) -> tuple[float, float, int, dict]:
+    """TTT_MODE=lora: per-document LoRA test-time training over the frozen dequantized artifact. Documents go
+    TTT_LORA_DOCS at a time, longest first, to the ranks (balanced by cost; no rank sees another's updates). Each
+    is scored in order in chunks of TTT_LORA_CHUNK targets with its own context only, and its adapters train on
+    each chunk after it is scored (adapt_documents); adapters start afresh with every batch. With TTT_PHASE_FRAC,
+    the stream's first documents are scored first, then every weight trains on them (global_phase) and the rest
+    are scored with the result: no score depends on a later token. Returns (val_loss, val_bpb, targets, facts)."""
+    tokens, device = val["tokens"], val["tokens"].device
+    docs = find_documents(tokens, model.bos_id)
+    lengths = docs[:, 1] - docs[:, 0]
+    # The phase follows the documents that start in the first TTT_PHASE_FRAC of the stream: a bound no token moves
+    prefix = int(np.searchsorted(docs[:, 0], args.ttt_phase_frac * (tokens.numel() - 1)))
+    prefix = prefix if prefix < len(docs) else 0  # a phase after the last document would help nothing
+    sizes = lora_sites(model, args.ttt_lora_targets)
+    generator = torch.Generator().manual_seed(args.seed)  # every document's A starts the same: batches don't matter
+    template = {k: torch.empty(args.ttt_lora_rank, n).uniform_(-n ** -0.5, n ** -0.5, generator=generator)
+                .to(device).expand(args.ttt_lora_docs, -1, -1) for k, (n, _) in sizes.items()}
+    tally = {"sums": torch.zeros(3, dtype=torch.float64, device=device),
+             "late": torch.zeros((), dtype=torch.int64, device=device),
+             "scored": torch.zeros(tokens.numel() - 1, dtype=torch.uint8, device=device), "updates": 0,
+             "document_updates": 0, "batches": 0}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    phase = None
+    for g, group in enumerate((np.arange(prefix), np.arange(prefix, len(docs)))):
+        if g and prefix:
+            phase = global_phase(model, val, int(docs[prefix, 0]), tally["scored"], args, rank, world_size,
+                                 use_autocast)
+        order = group[np.argsort(-lengths[group], kind="stable")]
+        batches = [order[i:i + args.ttt_lora_docs] for i in range(0, len(order), args.ttt_lora_docs)]
+        tally["batches"] += len(batches)
+        costs = [float((lengths[b] * np.minimum(lengths[b], args.eval_seq_len)).sum()) for b in batches]
+        for i in balance(costs, world_size)[rank]:
+            adapt_documents(model, val, docs[batches[i]], template, sizes, args, use_autocast, tally, per_target)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    counts = torch.tensor([int(tally["late"]), tally["updates"], tally["document_updates"]], device=device)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    late, updates, document_updates = counts.tolist()
+    late += phase["late"] if phase else 0
+    loss, bpb, count = finish_scores(tally["sums"], tokens.numel() - 1, world_size, per_target)
+    facts = {"method": "score-first per-document LoRA", "on": "dequantized artifact",
+             "adapted": f"rank-{args.ttt_lora_rank} adapters on {','.join(args.ttt_lora_targets)}, a set per document",
+             "order": f"documents longest first, {args.ttt_lora_docs} a batch; each document's chunks of "
+                      f"{args.ttt_lora_chunk} targets in order, scored, then trained on (never its last); fresh "
+                      f"adapters every batch", "documents": len(docs), "batches": tally["batches"],
+             "optimizer": args.ttt_lora_optimizer, "lr": args.ttt_lora_lr, "weight_decay": args.ttt_lora_wd,
+             "updates": updates, "document_updates": document_updates, "updates_on_unscored_targets": late,
+             "score_first": late == 0, "phase": phase and dict(documents=prefix, targets=phase["targets"],
+                                                               chunks=phase["chunks"], lr=phase["lr"])}
     return loss, bpb, count, facts
 
 
@@ -2220,33 +2514,54 @@ def score_pre_export(token_losses, val: dict, args: Hyperparameters, place: Plac
 def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: Hyperparameters, place: Place,
                      log: RunLog) -> dict:
     """Dequantize the artifact over every tensor of the model, then score the whole validation stream:
-    non-overlapping windows, sliding windows, then (TTT_ENABLED=1) sliding windows with score-first test-time
-    training. Each pass scores every target once; the last one is the headline."""
+    non-overlapping windows, sliding windows, then (TTT_MODE=lora) every document alone, then (TTT_MODE not off)
+    score-first test-time training. Each pass scores every target once; the last one is the headline."""
     model.load_state_dict(dequantize_state(artifact), strict=True)
     results = {}
     passes = [("roundtrip", args.eval_seq_len)] + ([("sliding_window", args.eval_stride)] if args.eval_stride else [])
     tag = f"final_{artifact_tag(artifact)}"
-    for label, stride in passes:
-        loss, bpb, count, seconds = timed_evaluate(token_losses, val, args, stride, place)
-        log(f"{tag}_{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} seq_len:{args.eval_seq_len} stride:{stride} "
+
+    def report(label: str, layout: str, scores: tuple, seconds: float, facts: dict | None = None) -> None:
+        loss, bpb, count = scores
+        log(f"{tag}_{label} val_loss:{loss:.4f} val_bpb:{bpb:.4f} seq_len:{args.eval_seq_len} {layout} "
             f"tokens:{count} eval_time:{1000 * seconds:.0f}ms")
         log(f"{tag}_{label}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-        results[label] = {"val_loss": loss, "val_bpb": bpb, "eval_seconds": seconds}
-    if args.ttt_enabled:  # last: it changes the weights, and nothing reads them afterwards
+        results[label] = dict(facts or {}, val_loss=loss, val_bpb=bpb, eval_seconds=seconds)
+
+    for label, stride in passes:
+        loss, bpb, count, seconds = timed_evaluate(token_losses, val, args, stride, place)
+        report(label, f"stride:{stride}", (loss, bpb, count), seconds)
+    if args.ttt_mode == "lora":
         sync(place)
         t0 = time.perf_counter()
-        loss, bpb, count, facts = evaluate_ttt(model, token_losses, val, args, place.rank, place.world_size,
-                                               place.device, place.cuda)
+        scores = evaluate_documents(token_losses, val, args, model.bos_id, place.rank, place.world_size, place.device,
+                                    place.cuda)
         sync(place)
-        seconds = time.perf_counter() - t0
-        log(f"ttt: every weight adapted on the validation stream, in order, each chunk scored before the model "
-            f"trained on it: {facts['chunks']} chunks of ~{args.ttt_chunk_tokens} targets, {args.ttt_epochs} SGD "
-            f"passes each (lr {args.ttt_lr:g}, cosine over the chunks), {facts['updates']} updates; updates on "
-            f"targets not yet scored: {facts['updates_on_unscored_targets']} score_first:{facts['score_first']}")
-        log(f"{tag}_ttt val_loss:{loss:.4f} val_bpb:{bpb:.4f} seq_len:{args.eval_seq_len} "
-            f"stride:{args.eval_stride or args.eval_seq_len} tokens:{count} eval_time:{1000 * seconds:.0f}ms")
-        log(f"{tag}_ttt_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-        results["ttt"] = dict(facts, val_loss=loss, val_bpb=bpb, eval_seconds=seconds)
+        report("doc_isolated", f"chunk:{args.ttt_lora_chunk}", scores, time.perf_counter() - t0,
+               {"method": "each document alone, no adaptation"})
+    if args.ttt_mode != "off":  # last: it changes the weights, and nothing reads them afterwards
+        sync(place)
+        t0 = time.perf_counter()
+        if args.ttt_mode == "lora":
+            *scores, facts = evaluate_lora(model, val, args, place.rank, place.world_size, place.cuda)
+            layout = f"chunk:{args.ttt_lora_chunk}"
+            phase = facts["phase"]
+            log(f"ttt: {facts['adapted']} ({args.ttt_lora_optimizer} lr {args.ttt_lora_lr:g} weight decay "
+                f"{args.ttt_lora_wd:g}) over the frozen dequantized artifact: {facts['documents']} documents, "
+                f"{facts['order']}; " + (f"then every weight on the first {phase['documents']} documents, scored "
+                f"by then ({phase['chunks']} SGD chunks, lr {phase['lr']:g}); " if phase else "no global phase; ")
+                + f"{facts['updates']} updates; updates reading targets not yet scored: "
+                f"{facts['updates_on_unscored_targets']} score_first:{facts['score_first']}")
+        else:
+            *scores, facts = evaluate_ttt(model, token_losses, val, args, place.rank, place.world_size, place.device,
+                                          place.cuda)
+            layout = f"stride:{args.eval_stride or args.eval_seq_len}"
+            log(f"ttt: every weight adapted on the validation stream, in order, each chunk scored before the model "
+                f"trained on it: {facts['chunks']} chunks of ~{args.ttt_chunk_tokens} targets, {args.ttt_epochs} "
+                f"SGD passes each (lr {args.ttt_lr:g}, cosine over the chunks), {facts['updates']} updates; updates "
+                f"on targets not yet scored: {facts['updates_on_unscored_targets']} score_first:{facts['score_first']}")
+        sync(place)
+        report("ttt", layout, tuple(scores), time.perf_counter() - t0, facts)
     return results
 
 

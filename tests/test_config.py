@@ -38,18 +38,32 @@ def test_out_of_range(name, value):
 
 @pytest.mark.parametrize("value", ["yes", "true", "2", "", " 1"])
 def test_bool_must_be_0_or_1(value):
-    assert "TTT_ENABLED" in error_for(TTT_ENABLED=value)
+    assert "COMPILE" in error_for(COMPILE=value)
 
 
 def test_bool_values():
-    assert tiny_args(TTT_ENABLED="0").ttt_enabled is False
-    assert tiny_args(TTT_ENABLED="1").ttt_enabled is True
+    assert tiny_args(COMPILE="0").compile is False
+    assert tiny_args(COMPILE="1").compile is True
 
 
 def test_bad_choice():
     msg = error_for(SSM_MODE="foo")
     assert "SSM_MODE" in msg and "replace" in msg and "parallel" in msg
     assert "SSM_KERNEL" in error_for(SSM_KERNEL="fft")
+    assert "TTT_MODE" in error_for(TTT_MODE="1") and tiny_args(TTT_MODE="off").ttt_mode == "off"
+
+
+@pytest.mark.parametrize("value", ["head,q", "mlp,mlp", "head;mlp", ""])
+def test_lora_targets_are_a_subset_of_the_sites(value):
+    msg = error_for(TTT_LORA_TARGETS=value)
+    assert "TTT_LORA_TARGETS" in msg and "head, attn, ssm, mlp" in msg
+    assert tiny_args(TTT_LORA_TARGETS="mlp, head").ttt_lora_targets == ("mlp", "head")
+
+
+def test_a_lora_chunk_must_fit_the_window():
+    msg = error_for(TTT_MODE="lora", EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TTT_LORA_CHUNK="48")
+    assert "TTT_LORA_CHUNK=48" in msg and "EVAL_SEQ_LEN=32" in msg
+    assert tiny_args(TTT_MODE="sgd", EVAL_SEQ_LEN="32").ttt_lora_chunk == 48  # only lora reads it
 
 
 @pytest.mark.parametrize("layers", ["0,11", "-1", "11"])
@@ -116,7 +130,7 @@ def test_defaults_are_the_competition_configuration():
     assert a.train_batch_tokens == 786_432 and a.train_seq_len == 2048
     assert a.max_wallclock_seconds == 600 and a.eval_stride == 64 and a.ssm_kernel == "fir"
     assert a.vocab_size == 8192 and a.eval_seq_len == 2048 and a.val_max_tokens == 0
-    assert a.quant_uniform_bits == 0 and a.quant_target_bytes <= 16_000_000 and a.ttt_enabled
+    assert a.quant_uniform_bits == 0 and a.quant_target_bytes <= 16_000_000 and a.ttt_mode == "sgd"
     assert a.values["NUM_LAYERS"] == 11 and a.values["SSM_LAYERS"] == (0, 1)
     # fractions of the run, not step counts
     assert 0 < a.warmdown_frac <= 1 and 0 < tg.MUON_MOMENTUM_WARMUP[1] <= 1
@@ -218,6 +232,7 @@ def test_a_deleted_knob_is_an_error_not_ignored(name):
 @pytest.mark.parametrize("name,way", [("EVAL_ARTIFACT", "scripts/evaluate.py --artifact"),
                                       ("EXPORT_CHECKPOINT", "scripts/evaluate.py --checkpoint"),
                                       ("QUANT_ALLOC", "QUANT_UNIFORM_BITS"), ("QUANT_BITS", "QUANT_UNIFORM_BITS"),
-                                      ("SSM_LR", "SCALAR_LR")])
+                                      ("SSM_LR", "SCALAR_LR"),
+                                      ("TTT_ENABLED", "TTT_MODE=off")])
 def test_a_moved_knob_names_the_new_way(name, way):
     assert way in error_for(**{name: "x"})

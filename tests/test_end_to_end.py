@@ -206,6 +206,30 @@ def test_eval_only_reproduces_round_trip(run, demo_data_dir, tmp_path_factory):
     assert facts["compliance"]["train_under_600s"] is None and facts["compliance"]["artifact_under_16mb"] is True
 
 
+def test_eval_only_runs_per_document_lora_ttt(run, demo_data_dir, tmp_path_factory):
+    """TTT_MODE=lora on the same artifact: the same round-trip and sliding lines, then every document alone, then
+    per-document LoRA TTT, whose facts say what adapted, on what, in which order, and that it scored first."""
+    workdir = new_workdir(tmp_path_factory, "e2e_lora")
+    env = clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="lora", TTT_MODE="lora")
+    proc = run_evaluate(workdir, env, "--artifact", str(run.artifact))
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    log = (workdir / "logs" / "lora.txt").read_text(encoding="utf-8").split("=" * 100, 1)[1]
+    passes = re.findall(r"^final_\w+?_(\w+)_exact val_loss:[0-9.]+ val_bpb:[0-9.]+$", log, re.M)
+    assert passes == ["roundtrip", "sliding_window", "doc_isolated", "ttt"]
+    before, after = exact_lines(run.log), exact_lines(log)
+    assert after["roundtrip"][0] == before["roundtrip"][0] and after["sliding_window"][0] == before["sliding_window"][0]
+    assert re.search(r"^ttt: rank-80 adapters on head,attn,ssm,mlp, .* over the frozen dequantized artifact: \d+ "
+                     r"documents, documents longest first, 64 a batch; .* then every weight on the first \d+ "
+                     r"documents.* updates reading targets not yet scored: 0 score_first:True$", log, re.M)
+    facts = json.loads((workdir / "logs" / "lora.json").read_text(encoding="utf-8"))
+    ttt, isolated = facts["results"]["ttt"], facts["results"]["doc_isolated"]
+    assert ttt["on"] == "dequantized artifact" and ttt["method"] == "score-first per-document LoRA"
+    assert ttt["score_first"] is True and ttt["updates_on_unscored_targets"] == 0 and ttt["updates"] > 0
+    assert ttt["documents"] > 100 and 0 < ttt["phase"]["targets"] < facts["val_tokens"]
+    assert isolated["val_bpb"] > 0 and facts["val_bpb"] == ttt["val_bpb"] and facts["compliance"]["score_first"]
+    assert facts["eval_time_seconds"] == pytest.approx(sum(r["eval_seconds"] for r in facts["results"].values()))
+
+
 def test_export_only_reproduces_the_artifact_bit_for_bit(run, demo_data_dir, tmp_path_factory):
     """The checkpoint holds the exported weights and the calibration statistics: exporting it again with the same
     settings gives the same bytes and scores, and other settings change the export alone."""
@@ -400,7 +424,7 @@ def test_reusing_a_run_id_keeps_the_earlier_log(demo_data_dir, tmp_path_factory)
 def test_an_empty_run_id_is_no_run_id(demo_data_dir, tmp_path_factory):
     workdir = new_workdir(tmp_path_factory, "empty_id")
     proc = run_script(workdir, clean_env(**data_env(demo_data_dir), **dict(
-        RUN_ENV, RUN_ID="", ITERATIONS="2", WARMUP_STEPS="0", EVAL_STRIDE="0", TTT_ENABLED="0")))
+        RUN_ENV, RUN_ID="", ITERATIONS="2", WARMUP_STEPS="0", EVAL_STRIDE="0", TTT_MODE="off")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = list((workdir / "logs").glob("*.txt"))
     assert len(logs) == 1 and len(logs[0].stem) == 36  # a fresh uuid names the log...
@@ -413,7 +437,7 @@ def test_the_same_seed_gives_the_same_numbers_on_a_busy_machine(demo_data_dir, t
     """Runs bounded by steps (as the demo is) do not depend on the machine's speed: two runs started together,
     competing for the same cores, log the same losses and scores."""
     env = clean_env(**data_env(demo_data_dir), **dict(RUN_ENV, ITERATIONS="6", WARMUP_STEPS="0", TRAIN_LOG_EVERY="1",
-                                                      CHECKPOINT_PATH="", EVAL_STRIDE="0", TTT_ENABLED="0",
+                                                      CHECKPOINT_PATH="", EVAL_STRIDE="0", TTT_MODE="off",
                                                       VAL_MAX_TOKENS="4000"), OMP_NUM_THREADS="1")
     dirs = [new_workdir(tmp_path_factory, f"busy{i}") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "train_gpt.py"], cwd=d, env=env, stdout=subprocess.PIPE,
@@ -433,7 +457,7 @@ def test_the_demo_is_one_command_and_keeps_its_outputs_in_its_own_folder(tmp_pat
     (root / "scripts").mkdir()
     shutil.copy(SCRIPT_PATH, root / "train_gpt.py")
     shutil.copy(REPO_ROOT / "scripts" / "demo.py", root / "scripts" / "demo.py")
-    env = clean_env(ITERATIONS="3", EVAL_STRIDE="0", TTT_ENABLED="0", VAL_MAX_TOKENS="3000", RUN_ID="demo")
+    env = clean_env(ITERATIONS="3", EVAL_STRIDE="0", TTT_MODE="off", VAL_MAX_TOKENS="3000", RUN_ID="demo")
     for _ in range(2):
         proc = subprocess.run([sys.executable, "scripts/demo.py"], cwd=root, env=env, capture_output=True, text=True,
                               timeout=HANG_TIMEOUT)

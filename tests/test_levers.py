@@ -345,7 +345,7 @@ def test_the_lever_artifact_rescores_identically(lever_run, demo_data_dir, tmp_p
 
 def test_two_processes_with_every_lever_follow_one(tmp_path_factory, demo_data_dir):
     env = dict(LEVER_RUN, ITERATIONS="8", WARMUP_STEPS="0", TRAIN_BATCH_TOKENS="4096", TRAIN_LOG_EVERY="1",
-               EVAL_STRIDE="0", TTT_ENABLED="0", VAL_MAX_TOKENS="4000", CHECKPOINT_PATH="", **data_env(demo_data_dir))
+               EVAL_STRIDE="0", TTT_MODE="off", VAL_MAX_TOKENS="4000", CHECKPOINT_PATH="", **data_env(demo_data_dir))
     curves, finals = {}, {}
     for nproc in (1, 2):
         workdir = new_workdir(tmp_path_factory, f"levers_dist{nproc}")
