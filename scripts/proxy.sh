@@ -48,9 +48,10 @@ p360() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" MAX_WALLCLOCK_SECONDS=36
     TRAIN_SEQ_LEN=2048 "$@"; }
 p150() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" MAX_WALLCLOCK_SECONDS=150 TRAIN_BATCH_TOKENS=131072 \
     TRAIN_SEQ_LEN=2048 "$@"; }
+# s786 names no TTT knob, so that an older revision (SCRIPT=...) takes the same command; its eval is 131K tokens.
 s786() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" ITERATIONS=40 WARMUP_STEPS=3 MAX_WALLCLOCK_SECONDS=0 \
     TRAIN_BATCH_TOKENS=786432 TRAIN_SEQ_LEN=2048 TRAIN_LOG_EVERY=10 VAL_MAX_TOKENS=131072 EVAL_STRIDE=0 \
-    TTT_MODE=off CHECKPOINT_PATH= "$@"; }
+    CHECKPOINT_PATH= "$@"; }
 again() { local gpu=$1 id=$2 ckpt=$3; shift 3
     PROGRAM="scripts/evaluate.py --checkpoint $ckpt --script ${SCRIPT:-train_gpt.py}" _run "$gpu" "$id" "$@"; }
 rescore() { local gpu=$1 id=$2 artifact=$3; shift 3
