@@ -1136,7 +1136,7 @@ class GPT(nn.Module):
         x = self.smear(rms_norm(self.tok_emb(ids)), ids)
         x0 = x
         skips: list[Tensor] = []
-        order = self.orders[self.looping]
+        order = self.orders[1] if self.looping else self.orders[0]
         num_encoder = len(order) // 2
         for v, i in enumerate(order):
             if v >= num_encoder and skips:
