@@ -213,8 +213,8 @@ class Hyperparameters:
         # ~20% of the stream (#2135: 289 chunks of 32K of its 47.9M targets). On 8xH100, FineWeb val (40.5M targets,
         # 50K documents): a chunk's forward re-reads its document up to EVAL_SEQ_LEN back, so 14-16K chunk steps of
         # 64 documents (~1,900 a GPU) make 0.6-1.0G token positions of forward and backward (lognormal lengths, mean
-        # 811): 60-95 s a GPU at 1.3M positions/s (a third of the 3.5M/s an H200 scores at), eager perhaps twice
-        # that; #1855's loop, 1.8x our FLOPs a token, took ~400 s. The phase, 8M targets once: ~10 s.
+        # 811): 110-180 s a GPU at the ~0.7M positions/s this pass ran at on one H100 (574 long documents, 1,699
+        # updates in 321 s); #1855's loop, 1.8x our FLOPs a token, took ~400 s. The phase, 8M targets once: ~10 s.
         self.ttt_lora_rank = self._int("TTT_LORA_RANK", 80, lo=1)
         self.ttt_lora_lr = self._float("TTT_LORA_LR", 8e-5, lo=0.0)
         self.ttt_lora_wd = self._float("TTT_LORA_WD", 2.0, lo=0.0)

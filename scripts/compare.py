@@ -330,17 +330,18 @@ def knobs(run: Run) -> dict:
     return {k: v for k, v in run.config.items() if k not in NAMING_KNOBS}
 
 
-def modal_config(runs: list[Run]) -> tuple[dict, list[str]]:
-    """The most common value of each knob among runs (None where most runs do not set it), and the knobs whose
-    most common value is a tie. A tie goes to the value of the most common whole configuration (the first run by
-    name among equals), so that tied knobs still describe a configuration some run has; else to text order."""
+def modal_config(runs: list[Run], among_setters: bool = False) -> tuple[dict, list[str]]:
+    """The most common value of each knob among runs (None where most runs do not set it; among_setters: among the
+    runs whose script has the knob), and the knobs whose most common value is a tie. A tie goes to the value of the
+    most common whole configuration (the first run by name among equals), so that tied knobs still describe a
+    configuration some run has; else to text order."""
     names = sorted({k for r in runs for k in knobs(r)})
     whole = collections.Counter(tuple(sorted(knobs(r).items())) for r in runs)
     top = max(whole.values())
     favourite = dict(next(c for c in (tuple(sorted(knobs(r).items())) for r in runs) if whole[c] == top))
     config, ties = {}, []
     for name in names:
-        counts = collections.Counter(knobs(r).get(name) for r in runs)
+        counts = collections.Counter(knobs(r).get(name) for r in runs if not among_setters or name in knobs(r))
         best = max(counts.values())
         tied = sorted((v for v, n in counts.items() if n == best), key=lambda v: (v is None, str(v)))
         config[name] = favourite.get(name) if favourite.get(name) in tied else tied[0]
@@ -517,7 +518,7 @@ def index_rows(runs: list[Run]) -> list[tuple]:
     for r in runs:
         if r.config:
             sets[(protocol_of(r.config), data_of(r.config))].append(r)
-    defaults = {key: modal_config(members)[0] for key, members in sets.items()}
+    defaults = {key: modal_config(members, among_setters=True)[0] for key, members in sets.items()}
     rows = []
     for r in runs:
         file = r.txt.name if r.txt is not None else r.json.name

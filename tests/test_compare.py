@@ -226,6 +226,8 @@ def test_markdown_index_of_synthetic_logs(tmp_path, capsys):
     ablation(tmp_path)
     write_run(tmp_path, "crashed", 7, 1.2, status="failed")
     write_run(tmp_path, "p150_a", 1, 1.30, knobs=P150, source="other = 1\n")
+    for name, gate in (("p360_new_s1", "0"), ("p360_new_s2", "0"), ("p360_gate_s1", "12")):  # a newer script's knob
+        write_run(tmp_path, name, 1, 1.2, knobs={"ATTN_GATE": gate}, source="newer = 1\n")
     rc, out, _ = run_main([tmp_path, "--markdown"], capsys)
     assert rc == 0 and out.startswith(cmp.INDEX_BEGIN) and out.rstrip().endswith(cmp.INDEX_END)
     rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[2:-1]]
@@ -236,6 +238,8 @@ def test_markdown_index_of_synthetic_logs(tmp_path, capsys):
                                      "1.23100 (sliding)", "yes"]
     assert rows["p360_c_s2.txt"][2] == "QKV_CONV_SIZE=2" and rows["p360_a_s1.txt"][2] == "SSM_LAYERS=''"
     assert rows["crashed.txt"][3:] == ["-", "failed"]
+    # a knob only some scripts have is compared among the runs that set it: at its usual value it is no variant
+    assert rows["p360_new_s1.txt"][2] == "default" and rows["p360_gate_s1.txt"][2] == "ATTN_GATE=12"
     assert rows["p150_a.txt"][:3] == [f"`{cmp.git_blob_id(b'other = 1')[:10]}`", "P150, sp8192 data, vocab 8192",
                                       "default"]
 
