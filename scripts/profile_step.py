@@ -45,8 +45,7 @@ def step(events=None):
             loss = compiled(tokens[:, :-1], tokens[:, 1:])
         (loss / grad_accum).backward()
     mark("backward_done")
-    if args.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tg.GRAD_CLIP_NORM)
     mark("clip_done")
     optimizers[0].step()
     mark("muon_done")

@@ -23,7 +23,7 @@ SCRIPT_PATH = REPO_ROOT / "train_gpt.py"
 TINY_ENV = {
     "NUM_LAYERS": "4", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "128",
     "TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "32", "EVAL_STRIDE": "8", "SSM_KERNEL_SIZE": "8", "SSM_STATE_DIM": "8",
-    "RUN_ID": "pytest",
+    "TTT_LORA_CHUNK": "8", "RUN_ID": "pytest",
 }
 
 

@@ -63,7 +63,7 @@ def test_lora_targets_are_a_subset_of_the_sites(value):
 def test_a_lora_chunk_must_fit_the_window():
     msg = error_for(TTT_MODE="lora", EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TTT_LORA_CHUNK="48")
     assert "TTT_LORA_CHUNK=48" in msg and "EVAL_SEQ_LEN=32" in msg
-    assert tiny_args(TTT_MODE="sgd", EVAL_SEQ_LEN="32").ttt_lora_chunk == 48  # only lora reads it
+    assert tiny_args(TTT_MODE="off", TTT_LORA_CHUNK="48").ttt_lora_chunk == 48  # only lora reads it
 
 
 @pytest.mark.parametrize("layers", ["0,11", "-1", "11"])
@@ -100,7 +100,7 @@ def test_unknown_variable_with_owned_prefix():
     assert "QUANT_TOTALLY_NEW" in msg
     # typos of the baseline-named knobs are caught too: MAX_WALLCLOCK_SECOND=150 must not run for 600 s
     for typo, meant in (("MAX_WALLCLOCK_SECOND", "MAX_WALLCLOCK_SECONDS"), ("NUM_LAYER", "NUM_LAYERS"),
-                        ("ITERATION", "ITERATIONS"), ("SEEDS", "SEED"), ("GRAD_CLIP", "GRAD_CLIP_NORM"),
+                        ("ITERATION", "ITERATIONS"), ("SEEDS", "SEED"), ("MUON_MOMENTUMS", "MUON_MOMENTUM"),
                         ("MIN_LR", "MIN_LR_FRAC"), ("VOCAB", "VOCAB_SIZE"), ("DATA_PATHS", "DATA_PATH")):
         msg = error_for(**{typo: "1"})
         assert typo in msg and f"did you mean {meant}" in msg, msg
@@ -115,12 +115,12 @@ def test_eval_stride_above_seq_len():
     assert tg.Hyperparameters(env={"EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "128"}).eval_stride == 128
 
 
-def test_gptq_reserve_must_be_below_wallclock():
-    for reserve in ("600", "700"):
-        assert "GPTQ_RESERVE_SECONDS" in error_for(MAX_WALLCLOCK_SECONDS="600", GPTQ_RESERVE_SECONDS=reserve)
-    tg.Hyperparameters(env={"MAX_WALLCLOCK_SECONDS": "600", "GPTQ_RESERVE_SECONDS": "599"})
-    # no cap: no reserve to check
-    tg.Hyperparameters(env={"MAX_WALLCLOCK_SECONDS": "0", "GPTQ_RESERVE_SECONDS": "700"})
+def test_the_wallclock_must_exceed_the_calibration_reserve():
+    for cap in ("8", "2.5"):
+        assert f"MAX_WALLCLOCK_SECONDS={cap} must exceed the 8 s kept for calibration" in \
+            error_for(MAX_WALLCLOCK_SECONDS=cap)
+    tg.Hyperparameters(env={"MAX_WALLCLOCK_SECONDS": "8.5"})
+    tg.Hyperparameters(env={"MAX_WALLCLOCK_SECONDS": "0"})  # no cap: no reserve to check
 
 
 def test_defaults_are_the_competition_configuration():
@@ -130,7 +130,7 @@ def test_defaults_are_the_competition_configuration():
     assert a.train_batch_tokens == 786_432 and a.train_seq_len == 2048
     assert a.max_wallclock_seconds == 600 and a.eval_stride == 64 and a.ssm_kernel == "fir"
     assert a.vocab_size == 8192 and a.eval_seq_len == 2048 and a.val_max_tokens == 0
-    assert a.quant_uniform_bits == 0 and a.quant_target_bytes <= 16_000_000 and a.ttt_mode == "sgd"
+    assert a.quant_uniform_bits == 0 and a.quant_target_bytes <= 16_000_000 and a.ttt_mode == "lora"
     assert a.values["NUM_LAYERS"] == 11 and a.values["SSM_LAYERS"] == (0, 1)
     # fractions of the run, not step counts
     assert 0 < a.warmdown_frac <= 1 and 0 < tg.MUON_MOMENTUM_WARMUP[1] <= 1
@@ -223,10 +223,18 @@ def test_the_vocabulary_picks_the_official_data_and_tokenizer():
     assert tg.Hyperparameters(env={"VOCAB_SIZE": "1024", "DATA_PATH": "/d"}).data_path == "/d"  # the environment wins
 
 
-@pytest.mark.parametrize("name", ["QKV_CONV_SIZE", "BIGRAM_VOCAB_SIZE", "VE_LAYERS", "EMBED_GPTQ", "SMEAR_GATE"])
+@pytest.mark.parametrize("name", ["QKV_CONV_SIZE", "BIGRAM_VOCAB_SIZE", "VE_LAYERS", "EMBED_GPTQ", "SMEAR_GATE",
+                                  "TTT_LR", "TTT_EPOCHS", "TTT_LORA_OPTIMIZER", "VAL_LOSS_EVERY"])
 def test_a_deleted_knob_is_an_error_not_ignored(name):
     assert f"{name} was deleted with its feature" in error_for(**{name: "1"})
     assert "unknown environment variable BETA2" in error_for(BETA2="0.99")
+
+
+@pytest.mark.parametrize("name", tg.FIXED_KNOBS)
+def test_a_knob_become_constant_names_the_constant_and_its_value(name):
+    value = getattr(tg, name)
+    assert isinstance(value, (int, float)) and name not in tg.Hyperparameters(env={}).values
+    assert f"{name} is no knob any more: it is the constant {name} = {value} here" in error_for(**{name: "1"})
 
 
 @pytest.mark.parametrize("name,way", [("EVAL_ARTIFACT", "scripts/evaluate.py --artifact"),

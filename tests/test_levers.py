@@ -283,7 +283,8 @@ def test_every_lever_on_is_causal(mode):
 
 
 def test_every_lever_on_scores_each_target_once_at_a_longer_context():
-    args = tiny_args(EVAL_SEQ_LEN="64", EVAL_STRIDE="16", TTT_CHUNK_TOKENS="128", TTT_EPOCHS="1", **LEVERS)
+    args = tiny_args(EVAL_SEQ_LEN="64", EVAL_STRIDE="16", TTT_CHUNK_TOKENS="128", TTT_LORA_CHUNK="16",
+                     TTT_LORA_RANK="4", TTT_LORA_DOCS="2", **LEVERS)
     torch.manual_seed(0)
     model = randomize_(tg.GPT(args), std=0.05)
     (x, y), = markov_batches(VOCAB, 1, 1, 499)
@@ -292,9 +293,10 @@ def test_every_lever_on_scores_each_target_once_at_a_longer_context():
         per_target = torch.zeros(499, dtype=torch.float64)
         _, _, count = tg.evaluate(model.token_losses, val, 64, stride, 8, 0, 1, torch.device("cpu"), False, per_target)
         assert count == 499 and (per_target > 0).all()
+    val["tokens"][val["tokens"] == 1] = 2
+    val["tokens"][[0, 150, 320]] = 1  # three documents (BOS is 1), each longer than the window
     per_target = torch.zeros(499, dtype=torch.float64)
-    _, _, count, facts = tg.evaluate_ttt(model, model.token_losses, val, args, 0, 1, torch.device("cpu"), False,
-                                         per_target)
+    _, _, count, facts = tg.evaluate_lora(model, val, args, 0, 1, False, per_target)
     assert count == 499 and (per_target > 0).all() and facts["score_first"] and facts["updates"] >= 3
 
 
@@ -330,7 +332,7 @@ def test_a_run_with_every_lever_trains_on_schedule(lever_run):
         {"RECUR_LAYERS": "1", "RECUR_LOOPS": "1", "PARALLEL_RESIDUAL_FROM": "2", "ATTN_GATE": "12"}
     assert re.search(r"^quant_tensor blocks\.1\.attn\.c_q\.weight bits:", log, re.M)  # the looped layer, once
     assert len(re.findall(r"^quant_tensor blocks\.1\.attn\.c_q\.weight ", log, re.M)) == 1
-    assert set(exact_lines(log)) == {"roundtrip", "sliding_window", "ttt"}
+    assert set(exact_lines(log)) == {"roundtrip", "sliding_window", "doc_isolated", "ttt"}
 
 
 def test_the_lever_artifact_rescores_identically(lever_run, demo_data_dir, tmp_path_factory):

@@ -18,7 +18,7 @@ from test_distributed import run_on_two_ranks
 BOS = 1
 # 8-target chunks in 32-token windows, 3 documents a batch; the phase follows the documents starting in the first
 # quarter of the stream (here the first three, targets [0, 200)).
-LORA_ENV = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_MODE="lora", TTT_LORA_CHUNK="8",
+LORA_ENV = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TTT_MODE="lora", TTT_LORA_CHUNK="8",
                 TTT_LORA_DOCS="3", TTT_LORA_RANK="4", TTT_LORA_LR="0.001", TTT_CHUNK_TOKENS="64",
                 TTT_PHASE_FRAC="0.25", TTT_PHASE_LR="0.01")
 # Documents of 70, 5, 125 (across the phase bound), 133, 1, 126 and 139 targets: several longer than the window.

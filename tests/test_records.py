@@ -1,12 +1,16 @@
-"""Tests of records/summarize_seeds.py (t distribution, folder summary) and of the record folders in records/."""
+"""Tests of records/summarize_seeds.py (t distribution, folder summary), of the record folders in records/ and of
+scripts/pack.py."""
+import ast
 import base64
 import importlib.util
+import io
 import json
 import lzma
 import math
 import shutil
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -457,7 +461,7 @@ def test_a_record_of_the_packed_script(tmp_path):
     warnings = []
     sub = ss.summarize(folder, reference_loss=1.92, warn=warnings.append)
     assert warnings == [] and sub["bytes_code"] == len(packed) < len(source) / 2
-    assert record_folder_problems(folder) == [] and pack.unpack(packed) == source
+    assert record_folder_problems(folder) == [] and pack.unpack(packed) == pack.strip_prose(source.decode()).encode()
     (folder / "train_gpt.py").write_bytes(source)
     with pytest.raises(ss.RecordError, match="differs from"):
         ss.summarize(folder, reference_loss=1.92)
@@ -482,6 +486,165 @@ def test_pack_refuses_sources_whose_lines_the_loader_would_misnumber_and_unpacks
     source = b"print('hi')\n"
     earlier = pack.EARLIER_LOADERS[0].format(base64.b85encode(lzma.compress(source)).decode()).encode()
     assert pack.unpack(earlier) == source and pack.unpack(pack.pack(source)) == source
+
+
+PROSE = '''#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
+"""The module's docstring,
+over two lines."""
+import math  # why math
+
+HASH = "not # a comment"
+TAG = f"#{len(HASH)} # {HASH!r}"  # a comment after an f-string
+
+
+class Box:
+    """The class's docstring."""
+
+    size = 3  # why three
+    # a comment line inside a class
+
+
+class Marker:
+    """Only a docstring."""
+
+
+def empty():
+    ("Only a docstring, "
+     "in parentheses.")  # and a comment
+
+
+def one(): "doc"; return 1
+
+
+def two(): "only doc";
+
+
+def total(values):
+    """The function's docstring."""
+    return sum(
+        v * 2  # doubled
+        # a comment line inside brackets
+        for v in values
+    ) + math.floor(1.5)
+
+
+TEXT = """not a docstring # kept
+
+    """
+if HASH:
+    "a first string of an if: no docstring"
+RESULT = (total([1, 2, 3]), empty(), one(), two(), Box.size, HASH, TAG, Marker.__name__, TEXT)
+'''
+# What strip_prose leaves of it, written out: the shebang, every string that is no docstring (f-string and the
+# strings holding # included), the code lines unjoined, `...` for the bodies that held only a docstring.
+PROSE_STRIPPED = '''#!/usr/bin/env python3
+import math
+
+HASH = "not # a comment"
+TAG = f"#{len(HASH)} # {HASH!r}"
+
+
+class Box:
+
+    size = 3
+
+
+class Marker:
+    ...
+
+
+def empty():
+    ...
+
+
+def one(): return 1
+
+
+def two(): ...
+
+
+def total(values):
+    return sum(
+        v * 2
+        for v in values
+    ) + math.floor(1.5)
+
+
+TEXT = """not a docstring # kept
+
+    """
+if HASH:
+    "a first string of an if: no docstring"
+RESULT = (total([1, 2, 3]), empty(), one(), two(), Box.size, HASH, TAG, Marker.__name__, TEXT)
+'''
+
+
+def comments(source: str) -> list:
+    return [t.string for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+
+
+def docstrings(source: str) -> list:
+    return [pack.docstring_of(node) for node in ast.walk(ast.parse(source)) if pack.docstring_of(node) is not None]
+
+
+def test_strip_prose_drops_comments_and_docstrings_and_keeps_every_other_string():
+    stripped = pack.strip_prose(PROSE)
+    assert stripped == PROSE_STRIPPED
+    assert comments(stripped) == ["#!/usr/bin/env python3"] and docstrings(stripped) == []
+    pack.same_program(PROSE, stripped)  # raises if not
+    before, after = {}, {}
+    exec(compile(PROSE, "prose", "exec"), before)
+    exec(compile(stripped, "stripped", "exec"), after)
+    assert after["RESULT"] == before["RESULT"] == (13, None, 1, None, 3, "not # a comment", "#15 # 'not # a comment'",
+                                                   "Marker", 'not a docstring # kept\n\n    ')
+    assert before["total"].__doc__ == "The function's docstring." and after["total"].__doc__ is None
+    assert pack.strip_prose("x = 1  # no newline at the end") == "x = 1"
+    # ast counts columns in bytes, tokenize in characters: a docstring after a non-ASCII name still lines up.
+    assert pack.strip_prose('class \xc9: "d\xe9"; x = "\xe9"  # \xe7\n') == 'class \xc9: x = "\xe9"\n'
+
+
+def test_strip_prose_on_train_gpt_is_the_same_program_in_fewer_packed_bytes():
+    source = (ROOT / "train_gpt.py").read_text(encoding="utf-8")
+    stripped = pack.strip_prose(source)
+    compile(stripped, "train_gpt.py", "exec")
+    assert ast.dump(ast.parse(stripped)) == ast.dump(pack.without_docstrings(ast.parse(source)))
+    assert comments(stripped) == [] and docstrings(stripped) == [] and comments(source) and docstrings(source)
+    # No code line is joined or split: each stripped line is an original line, less its comment, in order.
+    originals = iter(source.splitlines())
+    for line in stripped.splitlines():
+        assert any(original.startswith(line) and (original[len(line):].strip() == "" or
+                                                  original[len(line):].lstrip().startswith("#"))
+                   for original in originals), line
+    packed, packed_exact = pack.pack(source.encode()), pack.pack(source.encode(), strip=False)
+    print(f"train_gpt.py packed: {len(packed):,} bytes stripped, {len(packed_exact):,} with its prose")
+    assert len(packed) < len(packed_exact)
+    assert pack.unpack(packed) == stripped.encode() and pack.unpack(packed_exact) == source.encode()
+
+
+def test_pack_refuses_a_stripped_text_that_is_another_program(monkeypatch):
+    source = b'"""Doc."""\nx = 1  # one\ny = 2\n'
+    assert pack.unpack(pack.pack(source)) == b"x = 1\ny = 2\n"
+    monkeypatch.setattr(pack, "strip_prose", lambda text: text.replace("y = 2\n", ""))
+    with pytest.raises(ValueError, match="changed the program"):
+        pack.pack(source)
+    monkeypatch.setattr(pack, "strip_prose", lambda text: text.replace("y = 2", "y = (2"))
+    with pytest.raises(ValueError, match="does not parse"):
+        pack.pack(source)
+    assert pack.unpack(pack.pack(source, strip=False)) == source  # the exact source skips the check
+
+
+def test_pack_cli_strips_by_default_and_keeps_the_prose_when_asked(tmp_path):
+    source = tmp_path / "prog.py"
+    source.write_text(PROSE, encoding="utf-8")
+    script = [sys.executable, str(ROOT / "scripts" / "pack.py")]
+    for flags, name, held in (([], "stripped.py", PROSE_STRIPPED), (["--keep-prose"], "exact.py", PROSE)):
+        done = subprocess.run([*script, *flags, str(source), str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        unpacked = subprocess.run([*script, "--unpack", str(tmp_path / name)], capture_output=True, timeout=60)
+        assert unpacked.returncode == 0 and unpacked.stdout == held.encode(), unpacked.stderr
+    assert (tmp_path / "stripped.py").stat().st_size < (tmp_path / "exact.py").stat().st_size
 
 
 def test_real_record_folders():

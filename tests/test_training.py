@@ -206,8 +206,8 @@ def test_limits_are_inclusive():
 def test_training_ends_holding_the_ema_weights(tmp_path, monkeypatch):
     """The exported weights are the EMA's: train_model returns a model whose parameters equal the EMA's shadow,
     not the last step's raw weights."""
-    run, files = tiny_run(tmp_path, ITERATIONS="6", WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0",
-                          EMA_HORIZON_FRAC="0.5")
+    monkeypatch.setattr(tg, "EMA_HORIZON_FRAC", 0.5)
+    run, files = tiny_run(tmp_path, ITERATIONS="6", WARMUP_STEPS="0", MAX_WALLCLOCK_SECONDS="0")
     seen = {}
 
     class Spy(tg.ExponentialMovingAverage):
@@ -219,7 +219,7 @@ def test_training_ends_holding_the_ema_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "ExponentialMovingAverage", Spy)
     torch.manual_seed(0)
     model = tg.GPT(run.args)
-    tg.train_model(model, run.args, CPU_PLACE, files, lambda *a, **k: None, 0.0, None)
+    tg.train_model(model, run.args, CPU_PLACE, files, lambda *a, **k: None, 0.0)
     assert seen, "the EMA was never copied into the model"
     params = list(model.parameters())
     assert all(torch.equal(p, s) for p, s in zip(params, seen["shadow"]))
@@ -241,8 +241,8 @@ def test_a_knob_typo_is_an_error_with_the_suggestion(typo, meant):
 
 
 def test_lowercase_knobs_and_misspelt_knobs_before_consistency_errors():
-    with pytest.raises(ValueError, match="did you mean TTT_LR"):
-        tg.Hyperparameters(env={"ttt_lr": "0.01"})
+    with pytest.raises(ValueError, match="did you mean TTT_LORA_LR"):
+        tg.Hyperparameters(env={"ttt_lora_lr": "0.01"})
     with pytest.raises(ValueError, match="MODEL_DIMS .*did you mean MODEL_DIM"):  # not "512 / 6 heads"
         tg.Hyperparameters(env={"MODEL_DIMS": "384", "NUM_HEADS": "6"})
 
