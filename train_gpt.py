@@ -329,13 +329,14 @@ class Hyperparameters:
         for name in sorted(self._env):
             if name in self.values or name in FOREIGN_NAMES or name.startswith(FOREIGN_PREFIXES):
                 continue
-            if name in MOVED_KNOBS:
-                raise ValueError(f"{name} is no knob any more: use {MOVED_KNOBS[name]}")
-            if name in DELETED_KNOBS:
+            upper = name.upper()  # ttt_lr is TTT_LR mistyped, not some other variable
+            if upper in MOVED_KNOBS:
+                raise ValueError(f"{name} is no knob any more: use {MOVED_KNOBS[upper]}")
+            if upper in DELETED_KNOBS:
                 raise ValueError(f"{name} was deleted with its feature, which lost its measurements (logs/README.md)")
-            if name in FIXED_KNOBS:
-                raise ValueError(f"{name} is no knob any more: it is the constant {name} = {globals()[name]} here")
-            near = [k for k in known if looks_like_typo(name.upper(), k)]  # ttt_lr too
+            if upper in FIXED_KNOBS:
+                raise ValueError(f"{name} is no knob any more: it is the constant {upper} = {globals()[upper]} here")
+            near = [k for k in known + list(FIXED_KNOBS) if looks_like_typo(upper, k)]
             if near or name.startswith(OWNED_PREFIXES):
                 hint = near or difflib.get_close_matches(name, known, n=1)
                 suggestion = f" (did you mean {hint[0]}?)" if hint else ""
@@ -2038,7 +2039,7 @@ def calibrate(model: GPT, loader: DistributedTokenLoader, args: Hyperparameters,
         f"time:{calibration_ms:.0f}ms train_plus_calibration:{total_ms:.0f}ms within_wallclock:{within}")
     if args.max_wallclock_seconds and not within:
         log(f"WARNING: training + calibration took {total_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
-            f"{args.max_wallclock_seconds:g}: raise GPTQ_RESERVE_SECONDS")
+            f"{args.max_wallclock_seconds:g}: the {GPTQ_RESERVE_SECONDS:g} s kept for calibration were not enough")
     return stats, dict(train_facts, calibration_ms=calibration_ms, train_plus_calibration_s=total_ms / 1000,
                        calibration_seqs=stats["tokens"] // args.train_seq_len, calibration_within_wallclock=within)
 

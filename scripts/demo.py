@@ -1,6 +1,6 @@
 """The CPU demo: no GPU and no FineWeb needed. It writes a small corpus in a toy English and a 512-piece tokenizer,
 then runs train_gpt.py on them with a 4-layer model for 60 steps: the whole pipeline (training, calibration,
-export under the size rule, the three scoring passes and the verdict) in about a minute on two cores.
+export under the size rule, the four scoring passes and the verdict) in about a minute on two cores.
 
     python3 scripts/demo.py
 

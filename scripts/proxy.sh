@@ -44,11 +44,13 @@ _run() {  # GPU RUN_ID VAR=VALUE...: one run under the time limit, then its logs
     fi
 }
 
+# p360 and p150 run without TTT (its ~320 s on one GPU would not fit the call); `rescore` adds it on the artifact.
 p360() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" MAX_WALLCLOCK_SECONDS=360 TRAIN_BATCH_TOKENS=786432 \
-    TRAIN_SEQ_LEN=2048 "$@"; }
+    TRAIN_SEQ_LEN=2048 TTT_MODE=off "$@"; }
 p150() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" MAX_WALLCLOCK_SECONDS=150 TRAIN_BATCH_TOKENS=131072 \
-    TRAIN_SEQ_LEN=2048 "$@"; }
-# s786 names no TTT knob, so that an older revision (SCRIPT=...) takes the same command; its eval is 131K tokens.
+    TRAIN_SEQ_LEN=2048 TTT_MODE=off "$@"; }
+# s786 names no TTT knob, so that an older revision (SCRIPT=...) takes the same command; its eval (TTT included) is
+# on 131K tokens only.
 s786() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" ITERATIONS=40 WARMUP_STEPS=3 MAX_WALLCLOCK_SECONDS=0 \
     TRAIN_BATCH_TOKENS=786432 TRAIN_SEQ_LEN=2048 TRAIN_LOG_EVERY=10 VAL_MAX_TOKENS=131072 EVAL_STRIDE=0 \
     CHECKPOINT_PATH= "$@"; }

@@ -243,6 +243,10 @@ def test_a_knob_typo_is_an_error_with_the_suggestion(typo, meant):
 def test_lowercase_knobs_and_misspelt_knobs_before_consistency_errors():
     with pytest.raises(ValueError, match="did you mean TTT_LORA_LR"):
         tg.Hyperparameters(env={"ttt_lora_lr": "0.01"})
+    for name, error in (("ttt_lr", "ttt_lr was deleted"), ("rope_base", "constant ROPE_BASE = 10000.0"),
+                        ("eval_artifact", "scripts/evaluate.py --artifact"), ("ROPE_BASES", "did you mean ROPE_BASE")):
+        with pytest.raises(ValueError, match=error):
+            tg.Hyperparameters(env={name: "1"})
     with pytest.raises(ValueError, match="MODEL_DIMS .*did you mean MODEL_DIM"):  # not "512 / 6 heads"
         tg.Hyperparameters(env={"MODEL_DIMS": "384", "NUM_HEADS": "6"})
 
