@@ -117,6 +117,29 @@ def test_older_facts_are_completed_from_the_log(tmp_path):
     assert run.passes_over_data is None  # the log does not state the train shards' token count
 
 
+def test_the_document_isolated_and_ttt_passes_are_read_from_a_log_alone(tmp_path, capsys):
+    """A LoRA run logs each document alone, then TTT: both scores and both passes' seconds are read from the log
+    (here its facts hold neither), TTT the headline, and the table shows both."""
+    write_run(tmp_path, "lora", 1, 1.25)
+    facts = json.loads((tmp_path / "lora.json").read_text())
+    del facts["results"], facts["eval_time_seconds"]
+    (tmp_path / "lora.json").write_text(json.dumps(facts))
+    log = tmp_path / "lora.txt"
+    extra = ["final_mixed_doc_isolated val_loss:3.1000 val_bpb:1.2480 seq_len:2048 chunk:48 eval_time:24000ms",
+             "final_mixed_doc_isolated_exact val_loss:3.10000000 val_bpb:1.24800000",
+             "final_mixed_ttt val_loss:3.0900 val_bpb:1.2420 seq_len:2048 chunk:48 eval_time:321000ms",
+             "final_mixed_ttt_exact val_loss:3.09000000 val_bpb:1.24200000"]
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:-1] + extra + lines[-1:]) + "\n")
+    (run,), _ = cmp.load([str(log)])
+    assert run.scores["isolated"][1] == 1.248 and run.scores["ttt"][1] == 1.242 and run.headline_pass == "ttt"
+    assert run.eval_s == pytest.approx(0.8 + 25.0 + 24.0 + 321.0)
+    rc, out, _ = run_main([log], capsys)
+    header = next(line for line in out.splitlines() if line.startswith("run "))
+    row = next(line for line in out.splitlines() if line.startswith("lora "))
+    assert header.split()[10:12] == ["isolated", "ttt"] and row.split()[10:12] == ["1.24800", "1.24200"]
+
+
 def test_protocols_are_recognised_from_the_config():
     assert cmp.protocol_of(dict(P360)) == "P360" and cmp.protocol_of(dict(P150)) == "P150"
     s786 = {"ITERATIONS": "40", "MAX_WALLCLOCK_SECONDS": "0.0", "TRAIN_BATCH_TOKENS": "786432"}
