@@ -5,8 +5,8 @@
 #   p360 GPU RUN_ID [VAR=VALUE...]     quality: 360 s of training at the competition batch (786,432 tokens/step)
 #   p150 GPU RUN_ID [VAR=VALUE...]     the same at 150 s and 131,072 tokens/step (a short horizon)
 #   s786 GPU RUN_ID [VAR=VALUE...]     throughput: 40 steps at the competition shape, no evaluation to speak of
-#   again GPU RUN_ID CKPT [VAR=...]    export a saved checkpoint again (scripts/evaluate.py) and evaluate it: export
-#                                      and evaluation variants on the same trained weights
+#   again GPU RUN_ID CKPT [VAR=...]    export a saved checkpoint again (scripts/evaluate.py) and evaluate it, TTT off:
+#                                      export variants on the same trained weights
 #   rescore GPU RUN_ID PTZ [VAR=...]   score a saved artifact again (scripts/evaluate.py): evaluation variants (TTT,
 #                                      context) on the same artifact
 # VOCAB_SIZE=1024 among the VAR=VALUE pairs selects the sp1024 data (the script's default is 8192). Each run writes logs/RUN_ID.{txt,json}, which
@@ -54,7 +54,7 @@ p150() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" MAX_WALLCLOCK_SECONDS=15
 s786() { local gpu=$1 id=$2; shift 2; _run "$gpu" "$id" ITERATIONS=40 WARMUP_STEPS=3 MAX_WALLCLOCK_SECONDS=0 \
     TRAIN_BATCH_TOKENS=786432 TRAIN_SEQ_LEN=2048 TRAIN_LOG_EVERY=10 VAL_MAX_TOKENS=131072 EVAL_STRIDE=0 \
     CHECKPOINT_PATH= "$@"; }
-again() { local gpu=$1 id=$2 ckpt=$3; shift 3
-    PROGRAM="scripts/evaluate.py --checkpoint $ckpt --script ${SCRIPT:-train_gpt.py}" _run "$gpu" "$id" "$@"; }
+again() { local gpu=$1 id=$2 ckpt=$3; shift 3  # export variants: scored without TTT unless asked (TTT_MODE=lora)
+    PROGRAM="scripts/evaluate.py --checkpoint $ckpt --script ${SCRIPT:-train_gpt.py}" _run "$gpu" "$id" TTT_MODE=off "$@"; }
 rescore() { local gpu=$1 id=$2 artifact=$3; shift 3
     PROGRAM="scripts/evaluate.py --artifact $artifact --script ${SCRIPT:-train_gpt.py}" _run "$gpu" "$id" "$@"; }
