@@ -64,6 +64,26 @@ def changed(tokens: torch.Tensor, t: int) -> torch.Tensor:
 POSITIONS = (5, 9, 10, 40, 69, 72, 84, 150, 199, 201, 335, 400, 598, 599)
 
 
+def test_the_global_phase_takes_one_step_a_chunk_on_a_cosine_from_its_rate(monkeypatch):
+    """Four chunks of the 200 phase targets: one SGD step each, every weight trained, at TTT_PHASE_LR times
+    (1 + cos(pi c / 4)) / 2 (above zero to the end), and the weights frozen again afterwards."""
+    steps = []
+    real = tg.sgd_step
+
+    def spy(token_losses, params, optimizer, *rest):
+        steps.append((optimizer.param_groups[0]["lr"], len(params), all(p.requires_grad for p in params)))
+        return real(token_losses, params, optimizer, *rest)
+
+    monkeypatch.setattr(tg, "sgd_step", spy)
+    args = tiny_args(**LORA_ENV)
+    model = tiny_model(args)
+    tg.evaluate_lora(model, val_of(doc_stream()), args, 0, 1, False)
+    rates = [0.01 * (1 + math.cos(math.pi * c / 4)) / 2 for c in range(4)]
+    assert [lr for lr, _, _ in steps] == pytest.approx(rates) and rates[-1] > 0
+    assert all(n == len(list(model.parameters())) and trains for _, n, trains in steps)
+    assert all(p.requires_grad for p in model.parameters())  # evaluate_lora hands the model back trainable
+
+
 def test_no_loss_depends_on_a_later_token():
     tokens = doc_stream()
     base, (loss, bpb, count, facts) = lora_per_target(tokens)
