@@ -202,13 +202,9 @@ class Hyperparameters:
         # the records (#1530 on).
         self.ttt_mode = self._choice("TTT_MODE", "lora", ("off", "lora"))
         self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32_768, lo=1)  # the global phase's SGD chunks
-        # lora, as the records ran it: rank 80 (#1855), Adam lr 8e-5 and weight decay 2.0 (#2135), 48-target chunks
+        # As the records ran it: rank 80 (#1855), Adam lr 8e-5 and weight decay 2.0 (#2135), 48-target chunks
         # (#1586 on), 64 documents a batch (#1530), no Q/K/V adapters (#1953, #2135), one global SGD phase after
-        # ~20% of the stream (#2135: 289 chunks of 32K of its 47.9M targets). On 8xH100, FineWeb val (40.5M targets,
-        # 50K documents): a chunk's forward re-reads its document up to EVAL_SEQ_LEN back, so 14-16K chunk steps of
-        # 64 documents (~1,900 a GPU) make 0.6-1.0G token positions of forward and backward (lognormal lengths, mean
-        # 811): 110-180 s a GPU at the ~0.7M positions/s this pass ran at on one H100 (574 long documents, 1,699
-        # updates in 321 s); #1855's loop, 1.8x our FLOPs a token, took ~400 s. The phase, 8M targets once: ~10 s.
+        # ~20% of the stream (#2135). Its time on 8xH100 and the official split: logs/README.md, v14.
         self.ttt_lora_rank = self._int("TTT_LORA_RANK", 80, lo=1)
         self.ttt_lora_lr = self._float("TTT_LORA_LR", 8e-5, lo=0.0)
         self.ttt_lora_wd = self._float("TTT_LORA_WD", 2.0, lo=0.0)
@@ -436,7 +432,6 @@ class RunLog:
         what = " ".join(what.split())  # one line, so that the log's last line is the whole reason
         self(f"ERROR: {what}")
         self.update(status="failed", error=what)
-
 
 
 class Place(NamedTuple):
@@ -799,12 +794,15 @@ def check_tokenizer_matches(sp: spm.SentencePieceProcessor, tokens: np.ndarray, 
     return compared
 
 
-
-
-def load_validation(args: Hyperparameters, place: Place, log: RunLog) -> tuple[spm.SentencePieceProcessor, dict]:
-    """The tokenizer, the validation tokens and the official byte count of every target, after checking that the
-    tokenizer is the one that made the shards."""
-    val_np = load_validation_tokens(args.data_path, args.val_max_tokens)
+def load_validation(args: Hyperparameters, place: Place,
+                    log: RunLog) -> tuple[spm.SentencePieceProcessor, dict, np.ndarray]:
+    """The tokenizer, the validation tokens and the official byte count of every target (checking that the
+    tokenizer is the one that made the shards), and the whole split on the host (VAL_MAX_TOKENS scores a prefix;
+    the overlap check reads every document)."""
+    split = load_validation_tokens(args.data_path)
+    val_np = split[:args.val_max_tokens] if args.val_max_tokens else split
+    if val_np.size < 2:
+        raise ValueError(f"VAL_MAX_TOKENS={args.val_max_tokens} leaves fewer than 2 validation tokens")
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     check_token_range(val_np, args.vocab_size, "the validation split")
     docs = check_tokenizer_matches(sp, val_np, args.tokenizer_path)
@@ -820,14 +818,14 @@ def load_validation(args: Hyperparameters, place: Place, log: RunLog) -> tuple[s
     log(f"val_loader:shards pattern={args.data_path}/fineweb_val_*.bin tokens:{val_np.size} "
         f"targets:{val_np.size - 1} target_bytes:{int(byte_counts.sum())} documents:{documents}")
     log.update(val_tokens=int(val_np.size - 1), val_bytes=int(byte_counts.sum()), val_documents=documents)
-    return sp, val
+    return sp, val, split
 
 
-def check_overlap(train_files: list[str], args: Hyperparameters, bos_id: int, place: Place, log: RunLog) -> dict:
+def check_overlap(train_files: list[str], split: np.ndarray, bos_id: int, place: Place, log: RunLog) -> dict:
     """Sampled training documents against the whole validation split (rank 0 reads, the others skip the work)."""
     if not place.master:
         return {}
-    checked, found, runs = val_documents_in_train(train_files, load_validation_tokens(args.data_path), bos_id)
+    checked, found, runs = val_documents_in_train(train_files, split, bos_id)
     log(f"train_val_overlap: {found} of {checked} training documents sampled ({OVERLAP_WINDOWS} windows of "
         f"{OVERLAP_WINDOW_TOKENS} tokens a shard, documents of {OVERLAP_MIN_DOCUMENT_TOKENS}+ tokens) are validation "
         f"documents; {runs} of them follow the validation document before them")
@@ -865,10 +863,10 @@ ROPE_BASE = 10000.0
 class Rotary(nn.Module):
     """Rotary position embedding on the first `rope_dims` channels of each head; the rest carry no position."""
 
-    def __init__(self, rope_dims: int, base: float, max_len: int):
+    def __init__(self, rope_dims: int, max_len: int):
         super().__init__()
         self.rope_dims = rope_dims
-        inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / max(rope_dims, 1))
+        inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / max(rope_dims, 1))
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
@@ -908,8 +906,8 @@ class CausalSelfAttention(nn.Module):
     sigmoid(W x[:gate_width]) on the output. W starts at zero, so every head starts at half its output, as in
     #1784 and #1787 (proj starts at zero anyway)."""
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, rope_base: float,
-                 qk_gain_init: float, use_xsa: bool, max_len: int, gate_width: int = 0):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_dims: int, qk_gain_init: float,
+                 use_xsa: bool, max_len: int, gate_width: int = 0):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         kv_dim = num_kv_heads * self.head_dim
@@ -918,7 +916,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(dim, kv_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.rotary = Rotary(rope_dims, rope_base, max_len)
+        self.rotary = Rotary(rope_dims, max_len)
         self.use_xsa = use_xsa
         self.gate = nn.Parameter(torch.zeros(num_heads, gate_width)) if gate_width else None
 
@@ -1041,7 +1039,6 @@ class S4DLinMixer(nn.Module):
         return self.out_proj((torch.sigmoid(gate) * y).permute(1, 2, 0))
 
 
-
 class Block(nn.Module):
     """Pre-norm residual block. Its sequence mixer is attention, an S4D mixer ("replace"), or both summed through
     a learned per-channel gate ("parallel"); then a LeakyReLU^2 MLP, which from PARALLEL_RESIDUAL_FROM on reads the
@@ -1051,8 +1048,8 @@ class Block(nn.Module):
                  use_xsa: bool, max_len: int):
         super().__init__()
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1)
-        self.attn = CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.rope_dims, ROPE_BASE,
-                                        args.qk_gain_init, use_xsa, max_len, args.attn_gate) if use_attention else None
+        self.attn = CausalSelfAttention(dim, args.num_heads, args.num_kv_heads, args.rope_dims, args.qk_gain_init,
+                                        use_xsa, max_len, args.attn_gate) if use_attention else None
         self.ssm = S4DLinMixer(dim, args.ssm_kernel, args.ssm_kernel_size, args.ssm_state_dim) if use_ssm else None
         self.ssm_gate = nn.Parameter(torch.zeros(dim)) if use_attention and use_ssm else None
         self.mlp = MLP(dim, int(args.mlp_mult * dim), args.mlp_leaky_slope)
@@ -1095,7 +1092,6 @@ class SmearGate(nn.Module):
         allowed = (ids != self.bos_id).to(x.dtype)[..., None]
         allowed[:, 0] = 0
         return x + torch.sigmoid(self.gate).to(x.dtype) * allowed * (prev - x)
-
 
 
 TIED_EMBED_INIT_STD = 0.005
@@ -1377,6 +1373,7 @@ def muon_momentum_at(progress: float, args: Hyperparameters) -> float:
     start, frac = MUON_MOMENTUM_WARMUP
     return start + min(progress / frac, 1.0) * (args.muon_momentum - start)
 
+
 EMA_HORIZON_FRAC = 0.05  # the exported weights average the last ~5% of the run
 GRAD_CLIP_NORM = 0.3
 GPTQ_RESERVE_SECONDS = 8.0  # of MAX_WALLCLOCK_SECONDS, kept for calibration, which reads training data too
@@ -1403,8 +1400,6 @@ class ExponentialMovingAverage:
     @torch.no_grad()
     def copy_to_model(self) -> None:
         torch._foreach_copy_(self.params, self.shadow)
-
-
 
 
 # -----------------------------
@@ -1476,7 +1471,6 @@ def warm_up(train_step, base_model: GPT, optimizers: list[torch.optim.Optimizer]
     return new_loader()
 
 
-
 def prepare_training(base_model: GPT, args: Hyperparameters, place: Place, train_files: list[str],
                      log: RunLog) -> tuple[object, DistributedTokenLoader, dict[tuple[int, bool], float]]:
     """The (compiled, DDP-wrapped) training step, primed at every state the run will meet (state_changes), a fresh
@@ -1518,9 +1512,7 @@ def train_model(base_model: GPT, args: Hyperparameters, place: Place, train_file
     sync(place)
     log(f"time_to_first_step:{time.perf_counter() - launch:.1f}s (setup, compile and warm-up)")
     t0 = time.perf_counter()
-    while True:
-        if step == args.iterations or (stop_after_step is not None and step >= stop_after_step):
-            break
+    while step < args.iterations and (stop_after_step is None or step < stop_after_step):
         progress = max(step / args.iterations, elapsed_ms / budget_ms if budget_ms else 0.0)
         if args.train_state(min(progress, 1.0)) != state:  # train_step follows the same schedule
             state = args.train_state(min(progress, 1.0))
@@ -1595,9 +1587,8 @@ def check_replicas(model: nn.Module, log: RunLog) -> None:
 ARTIFACT_MAGIC = b"S4DXSA6\n"
 # Knobs an artifact or checkpoint fixes: evaluating it rebuilds the model from these, whatever the environment says.
 MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
-              "ROPE_DIMS", "QK_GAIN_INIT", "XSA_LAST_N", "SSM_LAYERS", "SSM_MODE",
-              "SSM_KERNEL", "SSM_KERNEL_SIZE", "SSM_STATE_DIM", "RECUR_LAYERS", "RECUR_LOOPS", "PARALLEL_RESIDUAL_FROM",
-              "ATTN_GATE")
+              "ROPE_DIMS", "QK_GAIN_INIT", "XSA_LAST_N", "SSM_LAYERS", "SSM_MODE", "SSM_KERNEL", "SSM_KERNEL_SIZE",
+              "SSM_STATE_DIM", "RECUR_LAYERS", "RECUR_LOOPS", "PARALLEL_RESIDUAL_FROM", "ATTN_GATE")
 CHECKPOINT_FORMAT = "s4d_xsa_checkpoint_v3"
 GPTQ_CALIB_SEQS = 64  # sequences of TRAIN_SEQ_LEN training tokens the calibration statistics are taken over
 GPTQ_CALIB_MICRO_SEQS = 8  # calibration runs eager forward and backward passes: small batches keep memory low
@@ -2009,8 +2000,6 @@ def submission_bytes(code: bytes, model_blob: bytes) -> dict[str, int | bool]:
             "under_limit": total <= SIZE_LIMIT_BYTES}
 
 
-
-
 def artifact_tag(artifact: dict) -> str:
     """int5 when every quantized tensor has 5 bits; mixed when the widths differ."""
     widths = {c.bits for c in artifact["tensors"].values()}
@@ -2033,15 +2022,16 @@ def calibrate(model: GPT, loader: DistributedTokenLoader, args: Hyperparameters,
         reduce_calibration(stats)
     sync(place)
     calibration_ms = 1000 * (time.perf_counter() - t_cal)
+    seqs = stats["tokens"] // args.train_seq_len
     total_ms = train_facts["train_time_ms"] + calibration_ms
     within = bool(args.max_wallclock_seconds) and total_ms <= 1000 * args.max_wallclock_seconds
-    log(f"gptq_calibration seqs:{stats['tokens'] // args.train_seq_len} tokens:{stats['tokens']} source:train_shards "
+    log(f"gptq_calibration seqs:{seqs} tokens:{stats['tokens']} source:train_shards "
         f"time:{calibration_ms:.0f}ms train_plus_calibration:{total_ms:.0f}ms within_wallclock:{within}")
     if args.max_wallclock_seconds and not within:
         log(f"WARNING: training + calibration took {total_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
             f"{args.max_wallclock_seconds:g}: the {GPTQ_RESERVE_SECONDS:g} s kept for calibration were not enough")
     return stats, dict(train_facts, calibration_ms=calibration_ms, train_plus_calibration_s=total_ms / 1000,
-                       calibration_seqs=stats["tokens"] // args.train_seq_len, calibration_within_wallclock=within)
+                       calibration_seqs=seqs, calibration_within_wallclock=within)
 
 
 def make_checkpoint(model: GPT, stats: dict, args: Hyperparameters, facts: dict) -> dict:
@@ -2184,13 +2174,6 @@ def finish_scores(sums: Tensor, num_targets: int, world_size: int, per_target: T
     return val_loss, val_loss / math.log(2) * count / byte_count, int(count)
 
 
-def stream_windows(num_targets: int, seq_len: int, stride: int) -> tuple[int, np.ndarray, np.ndarray]:
-    """(window length, starts, first scored positions) for the whole stream: windows no longer than the stream,
-    stride 0 meaning non-overlapping."""
-    seq_len = min(seq_len, num_targets)
-    return seq_len, *plan_windows(num_targets, seq_len, min(stride or seq_len, seq_len))
-
-
 def rank_share(n: int, rank: int, world_size: int) -> slice:
     per_rank = -(-n // world_size)
     return slice(min(n, rank * per_rank), min(n, (rank + 1) * per_rank))
@@ -2198,9 +2181,11 @@ def rank_share(n: int, rank: int, world_size: int) -> slice:
 
 def evaluate(token_losses, val: dict, seq_len: int, stride: int, batch_seqs: int, rank: int, world_size: int,
              device: torch.device, use_autocast: bool, per_target: Tensor | None = None) -> tuple[float, float, int]:
-    """(val_loss nats/token, val_bpb, targets scored) over the whole validation stream, with fixed weights."""
+    """(val_loss nats/token, val_bpb, targets scored) over the whole validation stream, with fixed weights: windows
+    no longer than the stream, stride 0 meaning non-overlapping."""
     num_targets = val["tokens"].numel() - 1
-    seq_len, starts, firsts = stream_windows(num_targets, seq_len, stride)
+    seq_len = min(seq_len, num_targets)
+    starts, firsts = plan_windows(num_targets, seq_len, min(stride or seq_len, seq_len))
     mine = rank_share(len(starts), rank, world_size)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
     score_windows(token_losses, val, starts[mine], firsts[mine], seq_len, batch_seqs, device, use_autocast, sums,
@@ -2621,11 +2606,11 @@ def main() -> int:
         log_run_header(log, args, place)
 
         # Data: the validation tokens with each target's official byte count, and the training shards.
-        sp, val = load_validation(args, place, log)
+        sp, val, split = load_validation(args, place, log)
         train_files = find_shards(args.data_path, "train")
         log(f"train_loader:dataset:{args.data_path} train_shards:{len(train_files)} "
             f"tokens:{sum(read_shard_header(f) for f in train_files)}")
-        overlap = check_overlap(train_files, args, sp.bos_id(), place, log)
+        overlap = check_overlap(train_files, split, sp.bos_id(), place, log)
 
         # Model, then training and calibration inside one wall clock; the checkpoint keeps what export reads.
         model, token_losses = build_model(args, sp.bos_id(), place, log, training=True)

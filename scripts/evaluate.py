@@ -62,7 +62,7 @@ def main(tg, options: argparse.Namespace) -> int:
         tg.log_run_header(log, args, place)
         log(f"scripts/evaluate.py: model shape from {path}"
             + (f"; not from the environment: {', '.join(overridden)}" if overridden else ""))
-        sp, val = tg.load_validation(args, place, log)
+        sp, val, _ = tg.load_validation(args, place, log)
         model, token_losses = tg.build_model(args, sp.bos_id(), place, log, training=False)
         training = {}
         if options.checkpoint:

@@ -284,7 +284,7 @@ def test_causal_attention_gqa_grouping_matches_repeat_interleave():
 
 def test_attention_with_and_without_xsa_differ():
     torch.manual_seed(0)
-    kwargs = dict(dim=32, num_heads=4, num_kv_heads=2, rope_dims=8, rope_base=10000.0, qk_gain_init=1.5, max_len=16)
+    kwargs = dict(dim=32, num_heads=4, num_kv_heads=2, rope_dims=8, qk_gain_init=1.5, max_len=16)
     with_xsa = tg.CausalSelfAttention(use_xsa=True, **kwargs)
     randomize_(with_xsa, std=0.2)
     without = tg.CausalSelfAttention(use_xsa=False, **kwargs)
@@ -469,7 +469,7 @@ def test_standalone_modules_start_silent():
     for module in (fir_mixer(),
                    tg.S4DLinMixer(16, "s4d", 8, 8),
                    tg.MLP(16, 32, 0.5),
-                   tg.CausalSelfAttention(16, 4, 2, 4, 10000.0, 1.5, True, 8)):
+                   tg.CausalSelfAttention(16, 4, 2, 4, 1.5, True, 8)):
         assert torch.count_nonzero(module(x)) == 0, type(module).__name__
 
 
