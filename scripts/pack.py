@@ -176,9 +176,13 @@ def packed_source(source: bytes, strip: bool = True) -> bytes:
     return stripped.encode("utf-8")
 
 
-def pack(source: bytes, strip: bool = True) -> bytes:
-    held = packed_source(source, strip)
+def wrap(held: bytes) -> bytes:
+    """The one-line script that decompresses `held` and runs it."""
     return LOADER.format(base64.b85encode(lzma.compress(held, preset=9 | lzma.PRESET_EXTREME)).decode()).encode()
+
+
+def pack(source: bytes, strip: bool = True) -> bytes:
+    return wrap(packed_source(source, strip))
 
 
 def unpack(packed: bytes) -> bytes:
@@ -207,7 +211,7 @@ def main() -> None:
         parser.error(f"{args.dest} exists: pack into a new path (nothing is overwritten)")
     source = args.source.read_bytes()
     held = packed_source(source, strip=not args.keep_prose)
-    packed = pack(source, strip=not args.keep_prose)
+    packed = wrap(held)
     if unpack(packed) != held:
         raise RuntimeError("the packed script does not decompress to the source it should hold")
     args.dest.parent.mkdir(parents=True, exist_ok=True)
