@@ -98,6 +98,7 @@ class Run:
     export_s: float | None = None
     eval_s: float | None = None
     valid: bool | None = None
+    valid_apart: bool | None = None              # every rule but the hardware and data ones kept; None: not judged
     hardware: str | None = None
     source_blob: str | None = None
     train_tokens: int | None = None  # tokens in the train shards, where the log states it
@@ -279,6 +280,8 @@ def read_facts(run: Run, facts: dict) -> None:
             run.scores[column] = (_float(r.get("val_loss")), _float(r.get("val_bpb")))
     if isinstance(facts.get("valid"), bool):
         run.valid = facts["valid"]
+    if isinstance(facts.get("valid_except_hardware_and_data"), bool):
+        run.valid_apart = facts["valid_except_hardware_and_data"]
     if isinstance(facts.get("hardware"), str):
         run.hardware = facts["hardware"]
 
@@ -542,6 +545,10 @@ def index_rows(runs: list[Run]) -> list[tuple]:
         headline = f"{score[1]:.5f} ({r.headline_pass or '?'})" if score else "-"
         if r.problem is None or r.status == "evaluated":
             valid = {True: "yes", False: "no", None: "not stated"}[r.valid]
+            if r.valid and r.facts is not None and r.valid_apart is None:
+                valid = "yes (older verdict)"
+            elif r.valid is False and r.valid_apart:
+                valid = "no (yes but hardware, data)"
         elif r.status == "failed" or (r.facts is None and r.problem and "failed" in r.problem):
             valid, headline = "failed", "-"
         elif r.facts is None:
@@ -563,8 +570,10 @@ def markdown_index(runs: list[Run], others: list[str]) -> str:
              "**protocol**: P360 (360 s at 786,432 tokens/step), P150 (150 s at 131,072), S786 (40 steps, no cap, "
              "786,432), other; then the data and vocabulary. **variant**: the knobs that differ from the most "
              "common value among the runs of that protocol and data (knobs the run's script did not have are not "
-             "listed). **headline**: the bpb the run reports, and its pass. The notes below say what each "
-             "run was for.", "",
+             "listed). **headline**: the bpb the run reports, and its pass. **valid**: the run's own verdict; "
+             "*yes but hardware, data*: every rule kept except the eight H100s and the official validation split, "
+             "which a proxy run breaks by design; *older verdict*: the verdict of an earlier script, which checked "
+             "neither the hardware nor whether the split scored was the official one. The notes below say what each run was for.", "",
              "| log | source | protocol, data | variant | headline | valid |", "|---|---|---|---|---|---|"]
     for file, source, protocol, variant, headline, valid in index_rows(runs):
         lines.append(f"| `{cell(file)}` | `{source}` | {protocol} | {cell(variant)} | {headline} | {valid} |")

@@ -251,6 +251,8 @@ def test_markdown_index_of_synthetic_logs(tmp_path, capsys):
     write_run(tmp_path, "p150_a", 1, 1.30, knobs=P150, source="other = 1\n")
     for name, gate in (("p360_new_s1", "0"), ("p360_new_s2", "0"), ("p360_gate_s1", "12")):  # a newer script's knob
         write_run(tmp_path, name, 1, 1.2, knobs={"ATTN_GATE": gate}, source="newer = 1\n")
+    for name, valid, apart in (("v_full", True, True), ("v_proxy", False, True), ("v_broke", False, False)):
+        write_run(tmp_path, name, 1, 1.2, facts_extra={"valid": valid, "valid_except_hardware_and_data": apart})
     rc, out, _ = run_main([tmp_path, "--markdown"], capsys)
     assert rc == 0 and out.startswith(cmp.INDEX_BEGIN) and out.rstrip().endswith(cmp.INDEX_END)
     rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[2:-1]]
@@ -258,7 +260,8 @@ def test_markdown_index_of_synthetic_logs(tmp_path, capsys):
     blob = subprocess.run(["git", "hash-object", "--stdin"], input=SOURCE.rstrip("\n").encode(),
                           capture_output=True, check=True).stdout.decode().strip()
     assert rows["p360_d_s1.txt"] == [f"`{blob[:10]}`", "P360, sp8192 data, vocab 8192", "default",
-                                     "1.23100 (sliding)", "yes"]
+                                     "1.23100 (sliding)", "yes (older verdict)"]  # no hardware, split rules
+    assert [rows[f"v_{k}.txt"][4] for k in ("full", "proxy", "broke")] == ["yes", "no (yes but hardware, data)", "no"]
     assert rows["p360_c_s2.txt"][2] == "QKV_CONV_SIZE=2" and rows["p360_a_s1.txt"][2] == "SSM_LAYERS=''"
     assert rows["crashed.txt"][3:] == ["-", "failed"]
     # a knob only some scripts have is compared among the runs that set it: at its usual value it is no variant

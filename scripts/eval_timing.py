@@ -1,0 +1,107 @@
+"""Time train_gpt.py's evaluation passes on an artifact over documents as long as the official split's, and project
+the competition's evaluation time per GPU from the measured throughput.
+
+The per-document passes (doc_isolated, and TTT_MODE=lora's LoRA pass) cost more per target the longer a document
+is: a chunk's window reaches back over the document up to EVAL_SEQ_LEN. Proxy data (Wikipedia articles, ~4,700
+tokens a document here) therefore says little about their time on FineWeb, whose official split holds 50,000
+documents in 40,540,160 targets at sp8192 (811 a document on average). This script re-cuts the validation tokens
+at hand into documents whose lengths follow a log-normal law of that mean (a BOS token replaces the token at each
+cut, and the most common token each BOS the tokens held), scores them with the artifact, and reports each pass's
+targets per second and its time for one GPU's share of the official split (1/--world of its targets). The
+projection assumes the per-target cost of the re-cut documents; their scores mean nothing.
+
+    python3 scripts/eval_timing.py --artifact final_model.ptz [--mean 811] [--sigma 1.0] [--targets N]
+
+Every knob comes from the environment as for train_gpt.py (DATA_PATH, TOKENIZER_PATH, TTT_*); the model's shape
+from the artifact. The log goes to logs/<RUN_ID>.txt with this script's and train_gpt.py's source at its top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from evaluate import REPO, load_script  # noqa: E402
+
+OFFICIAL_TARGETS_SP8192 = 40_540_160  # the official split's targets in whole 2048-token sequences (train_gpt.py)
+
+
+def cut_documents(tokens: np.ndarray, bos_id: int, mean: float, sigma: float, seed: int) -> np.ndarray:
+    """The tokens with a BOS at position 0 and after every log-normal document length (mean `mean`, at least 2), and
+    the most common token in place of every BOS they held."""
+    rng = np.random.default_rng(seed)
+    lengths = np.maximum(2, rng.lognormal(np.log(mean) - sigma ** 2 / 2, sigma, size=len(tokens) // 2 + 1))
+    cuts = np.cumsum(np.concatenate(([0], lengths.astype(np.int64))))
+    out = np.where(tokens == bos_id, np.bincount(tokens).argmax(), tokens)
+    out[cuts[cuts < len(out)]] = bos_id
+    return out
+
+
+def main(tg, options: argparse.Namespace) -> int:
+    code = options.script.read_bytes()
+    source = Path(__file__).read_bytes() + b"\n" + tg.SEPARATOR.encode() + b"\n" + code
+    log = tg.RunLog(os.environ.get("RUN_ID") or "eval_timing", True, source)
+    try:
+        artifact = tg.deserialize_artifact(options.artifact.read_bytes(), f"--artifact {options.artifact}")
+        args = tg.Hyperparameters(env={**os.environ, "RUN_ID": log.run_id, **artifact["config"]})
+        place = tg.set_up(args, False, 0, 1, 0)
+        tg.log_run_header(log, args, place)
+        sp = tg.load_tokenizer(args.tokenizer_path, args.vocab_size)
+        tokens = tg.load_validation_tokens(args.data_path)[:options.targets + 1 if options.targets else None]
+        tokens = cut_documents(tokens, sp.bos_id(), options.mean, options.sigma, args.seed)
+        byte_counts = tg.target_byte_counts(tokens, tg.build_sentencepiece_luts(sp))
+        documents = int((tokens == sp.bos_id()).sum())
+        val = {"tokens": torch.from_numpy(tokens.astype(np.int64)).to(place.device),
+               "target_bytes": torch.from_numpy(byte_counts).to(place.device), "documents": documents}
+        targets = len(tokens) - 1
+        log(f"eval_timing: {targets} targets re-cut into {documents} documents (log-normal, mean {options.mean:g}, "
+            f"sigma {options.sigma:g}; measured mean {targets / documents:.0f})")
+        model, token_losses = tg.build_model(args, sp.bos_id(), place, log, training=False)
+        model.load_state_dict(tg.dequantize_state(artifact), strict=True)
+        share = OFFICIAL_TARGETS_SP8192 / options.world
+
+        def timed(label: str, run) -> None:
+            tg.sync(place)
+            t0 = time.perf_counter()
+            loss, bpb, count = run()[:3]
+            tg.sync(place)
+            seconds = time.perf_counter() - t0
+            log(f"eval_timing {label}: {count} targets in {seconds:.1f}s ({count / seconds:.0f} targets/s; "
+                f"val_bpb {bpb:.4f} on re-cut documents) -> {share * seconds / count:.0f}s for 1/{options.world} of "
+                f"the official split")
+
+        timed("compile_and_roundtrip", lambda: tg.evaluate(token_losses, val, args.eval_seq_len, args.eval_seq_len,
+                                                            tg.EVAL_BATCH_SEQS, 0, 1, place.device, place.cuda))
+        timed("roundtrip", lambda: tg.evaluate(token_losses, val, args.eval_seq_len, args.eval_seq_len,
+                                               tg.EVAL_BATCH_SEQS, 0, 1, place.device, place.cuda))
+        if args.eval_stride:
+            timed("sliding_window", lambda: tg.evaluate(token_losses, val, args.eval_seq_len, args.eval_stride,
+                                                        tg.EVAL_BATCH_SEQS, 0, 1, place.device, place.cuda))
+        timed("doc_isolated", lambda: tg.evaluate_documents(token_losses, val, args, sp.bos_id(), 0, 1, place.device,
+                                                            place.cuda))
+        if args.ttt_mode == "lora":  # last: it changes the weights
+            timed("ttt_lora", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda))
+    except BaseException as error:
+        log.fail(error)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", type=Path, required=True, help="an artifact (final_model.ptz) to score")
+    parser.add_argument("--script", type=Path, default=REPO / "train_gpt.py", help="the train_gpt.py to run")
+    parser.add_argument("--mean", type=float, default=OFFICIAL_TARGETS_SP8192 / 50_000, help="mean document length")
+    parser.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the document lengths")
+    parser.add_argument("--targets", type=int, default=0, help="score the first N targets (0: all)")
+    parser.add_argument("--world", type=int, default=8, help="GPUs the official split is shared among")
+    arguments = parser.parse_args()
+    train_gpt = load_script(arguments.script)
+    train_gpt.exit_with(lambda: main(train_gpt, arguments))

@@ -1,0 +1,28 @@
+"""scripts/eval_timing.py: the re-cut documents have the asked mean length, and only its cuts are BOS tokens."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import eval_timing  # noqa: E402
+
+
+def test_cut_documents_replaces_the_documents_with_log_normal_ones_of_the_asked_mean():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 50, size=400_000)
+    tokens[rng.integers(0, tokens.size, size=300)] = 1  # the documents the tokens came in
+    cut = eval_timing.cut_documents(tokens, bos_id=1, mean=811.0, sigma=1.0, seed=3)
+    starts = np.flatnonzero(cut == 1)
+    lengths = np.diff(np.append(starts, cut.size))
+    assert starts[0] == 0 and cut.size == tokens.size
+    assert abs(lengths[:-1].mean() / 811.0 - 1) < 0.08  # ~490 documents: the mean within a few percent
+    assert np.median(lengths) < 0.8 * lengths.mean()  # skewed as a log-normal is, not evenly spaced
+    kept = np.ones(cut.size, dtype=bool)
+    kept[starts] = False
+    assert np.array_equal(cut[kept & (tokens != 1)], tokens[kept & (tokens != 1)])  # the text is unchanged
+    assert not np.any(cut[kept] == 1)  # every earlier BOS is gone
