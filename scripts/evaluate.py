@@ -64,7 +64,7 @@ def main(tg, options: argparse.Namespace) -> int:
             + (f"; not from the environment: {', '.join(overridden)}" if overridden else ""))
         sp, val, _ = tg.load_validation(args, place, log)
         model, token_losses = tg.build_model(args, sp.bos_id(), place, log, training=False)
-        training = {}
+        training, pre_export_s = {}, 0.0
         if options.checkpoint:
             model.load_state_dict(source["state"])
             training = source["facts"]
@@ -73,11 +73,11 @@ def main(tg, options: argparse.Namespace) -> int:
                 f"{training['calibration_within_wallclock']} (calibration was on training shards inside that run's "
                 f"clock)")
             log.update(**training, checkpoint=str(path))
-            tg.score_pre_export(token_losses, val, args, place, log)
+            pre_export_s = tg.score_pre_export(token_losses, val, args, place, log)
             blob = tg.export_artifact(model, source["stats"], args, code, place, log)
             source = tg.deserialize_artifact(blob, args.artifact_path)
         results = tg.final_evaluation(model, source, token_losses, val, args, place, log)
-        status = tg.record_verdict(training, results, args, code, blob, place, val, log)
+        status = tg.record_verdict(training, results, args, code, blob, place, val, log, pre_export_s)
     except BaseException as error:
         log.fail(error)
         raise
