@@ -44,6 +44,27 @@ def cut_documents(tokens: np.ndarray, bos_id: int, mean: float, sigma: float, se
     return out
 
 
+def lora_work(tg, tokens: np.ndarray, bos_id: int, args) -> tuple[int, int]:
+    """(updates, positions run forward) of TTT_MODE=lora's pass over these tokens on one GPU: evaluate_lora's
+    batches and adapt_documents' chunk windows, replayed without a model. The positions per target, not the
+    number of targets, set the pass's time."""
+    docs = tg.find_documents(torch.from_numpy(tokens.astype(np.int64)), bos_id)
+    lengths = docs[:, 1] - docs[:, 0]
+    prefix = int(np.searchsorted(docs[:, 0], args.ttt_phase_frac * (len(tokens) - 1)))
+    prefix = prefix if prefix < len(docs) else 0
+    updates = positions = 0
+    for group in (np.arange(prefix), np.arange(prefix, len(docs))):
+        order = group[np.argsort(-lengths[group], kind="stable")]
+        for b in range(0, len(order), args.ttt_lora_docs):
+            batch = lengths[order[b:b + args.ttt_lora_docs]]
+            chunks = -(-batch // args.ttt_lora_chunk)
+            for i in range(int(chunks.max())):
+                width = int(min(args.eval_seq_len, (i + 1) * args.ttt_lora_chunk, batch[0]))
+                positions += int((chunks > i).sum()) * width
+                updates += bool((chunks > i + 1).any())
+    return updates, positions
+
+
 def main(tg, options: argparse.Namespace) -> int:
     code = options.script.read_bytes()
     source = Path(__file__).read_bytes() + b"\n" + tg.SEPARATOR.encode() + b"\n" + code
@@ -87,6 +108,9 @@ def main(tg, options: argparse.Namespace) -> int:
         timed("doc_isolated", lambda: tg.evaluate_documents(token_losses, val, args, sp.bos_id(), 0, 1, place.device,
                                                             place.cuda))
         if args.ttt_mode == "lora":  # last: it changes the weights
+            updates, positions = lora_work(tg, tokens, sp.bos_id(), args)
+            log(f"eval_timing ttt_lora plan: {updates} updates, {positions} positions forward "
+                f"({positions / targets:.1f} a target)")
             timed("ttt_lora", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda))
     except BaseException as error:
         log.fail(error)

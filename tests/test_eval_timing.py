@@ -26,3 +26,23 @@ def test_cut_documents_replaces_the_documents_with_log_normal_ones_of_the_asked_
     kept[starts] = False
     assert np.array_equal(cut[kept & (tokens != 1)], tokens[kept & (tokens != 1)])  # the text is unchanged
     assert not np.any(cut[kept] == 1)  # every earlier BOS is gone
+
+
+def test_lora_work_replays_the_lora_pass_updates_and_positions():
+    """The plan counts what evaluate_lora runs: its updates, and the positions its forwards read."""
+    import torch
+    from conftest import tg, tiny_args
+
+    args = tiny_args(TTT_LORA_DOCS=3, TTT_PHASE_FRAC=0.3)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(4, args.vocab_size, size=1500)
+    tokens[[0, 40, 41, 300, 333, 700, 1010, 1011, 1200]] = 1  # documents of 1 to 390 targets, one in the phase
+    model = tg.GPT(args).eval()
+    read = []
+    forward = model.token_losses
+    model.token_losses = lambda ids, targets, lora=None: (read.append(ids.numel()) if lora else None) or forward(
+        ids, targets, lora)
+    val = {"tokens": torch.from_numpy(tokens), "target_bytes": torch.ones(tokens.size - 1, dtype=torch.int64)}
+    *_, facts = tg.evaluate_lora(model, val, args, 0, 1, False)
+    updates, positions = eval_timing.lora_work(tg, tokens, 1, args)
+    assert facts["phase"] and (updates, positions) == (facts["updates"], sum(read)) and updates > 10
