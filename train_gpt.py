@@ -46,6 +46,7 @@ except ImportError:
     fa3_attention = None
 
 SIZE_LIMIT_BYTES = 16_000_000
+EVAL_LIMIT_SECONDS = 600.0  # the evaluation's time limit, compilation included
 # Where per-document TTT may put adapters: the logits, each attention or S4D mixer's output, each MLP's output.
 LORA_TARGETS = ("head", "attn", "ssm", "mlp")
 # Where the official download scripts put each vocabulary's shards and tokenizer.
@@ -2266,6 +2267,34 @@ def evaluate_documents(token_losses, val: dict, args: Hyperparameters, bos_id: i
     return finish_scores(sums, num_targets, world_size, per_target)
 
 
+# What one chunk step of the LoRA pass costs beyond the positions it runs, in positions: its fixed part (launches,
+# host syncs, the adapters' update). Fitted to two passes on one H100 (logs/README.md, v15): 112 ms a step at
+# 18K positions, 189 ms at 55K.
+LORA_STEP_POSITIONS = 36_000
+TTT_DEADLINE_MARGIN_SECONDS = 30.0  # kept after the LoRA pass's last batch, for what the evaluation does after it
+
+
+def batch_work(lengths: np.ndarray, args: Hyperparameters) -> tuple[int, int]:
+    """(chunk steps, positions run forward) of adapt_documents on documents of these lengths, longest first."""
+    chunks = -(-lengths // args.ttt_lora_chunk)
+    steps = int(chunks.max())
+    widths = np.minimum(np.minimum(args.eval_seq_len, (np.arange(steps) + 1) * args.ttt_lora_chunk), lengths[0])
+    running = (chunks[None, :] > np.arange(steps)[:, None]).sum(axis=1)
+    return steps, int((running * widths).sum())
+
+
+def adapt_in_time(now: float, deadline: float, pace: dict[bool, list[float]], cost: float, rest: float) -> bool:
+    """Whether a batch of this cost may adapt and still leave time to score the `rest` (this rank's batches after
+    it) by the deadline, at the pace measured so far (`pace[adapting]`: seconds, cost). Scoring without adapting
+    is taken at the adapting pace until it is measured; with no pace yet, a batch adapts if it is not too late."""
+    if now >= deadline:
+        return False
+    rate = {adapting: seconds / done for adapting, (seconds, done) in pace.items() if done > 0}
+    if True not in rate:
+        return True
+    return now + rate[True] * cost + rate.get(False, rate[True]) * rest <= deadline
+
+
 def balance(costs: list[float], world_size: int) -> list[list[int]]:
     """Items per rank: the costliest next, to the least loaded rank; each rank's in their original order."""
     loads, shares = [0.0] * world_size, [[] for _ in range(world_size)]
@@ -2288,21 +2317,23 @@ def record_scores(losses: Tensor, pos: Tensor, now: Tensor, target_bytes: Tensor
 
 
 def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, Tensor], sizes: dict,
-                    args: Hyperparameters, use_autocast: bool, tally: dict, per_target: Tensor | None) -> None:
+                    args: Hyperparameters, use_autocast: bool, tally: dict, per_target: Tensor | None,
+                    adapt: bool = True) -> None:
     """One batch of documents, longest first, each with fresh adapters (B = 0; A from a_init): chunk i of every
     document still running is scored in one forward, each document in its own window; then each document's
     adapters take one step on its mean loss over that chunk, unless it was its last. The scored targets go to
-    tally, and every update checks the targets its loss weights read against the targets scored so far."""
+    tally, and every update checks the targets its loss weights read against the targets scored so far. Without
+    `adapt`, the chunks are scored with no adapters, which is what fresh ones compute, and nothing trains."""
     tokens, target_bytes, scored = val["tokens"], val["target_bytes"], tally["scored"]
     device, chunk, seq_len = tokens.device, args.ttt_lora_chunk, args.eval_seq_len
     lengths = docs[:, 1] - docs[:, 0]
     num_chunks = -(-lengths // chunk)
     first_t, lengths_t = (torch.from_numpy(x).to(device) for x in (docs[:, 0], lengths))  # one copy a batch
-    lora = DocumentLoRA({k: a[:len(docs)] for k, a in a_init.items()}, {k: o for k, (_, o) in sizes.items()},
-                        args.ttt_lora_rank)
-    params = list(lora.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.ttt_lora_lr, betas=LORA_BETAS, eps=1e-10,
-                                  weight_decay=args.ttt_lora_wd)
+    if adapt:
+        lora = DocumentLoRA({k: a[:len(docs)] for k, a in a_init.items()}, {k: o for k, (_, o) in sizes.items()},
+                            args.ttt_lora_rank)
+        optimizer = torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, betas=LORA_BETAS, eps=1e-10,
+                                      weight_decay=args.ttt_lora_wd)
     for i in range(int(num_chunks.max())):
         m = int((num_chunks > i).sum())  # the documents still being scored are the first m
         width = int(min(seq_len, (i + 1) * chunk, lengths[0]))  # the longest window, known on the host: no sync
@@ -2312,10 +2343,11 @@ def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, T
         pos = (first_t[:m, None] + starts[:, None] + offsets).clamp(max=scored.numel() - 1)
         inside = offsets < (ends - starts)[:, None]
         now = inside & (offsets >= (i * chunk - starts)[:, None])
-        trains = num_chunks[:m] > i + 1  # never a document's last chunk
+        trains = (num_chunks[:m] > i + 1) & adapt  # never a document's last chunk
         with torch.set_grad_enabled(bool(trains.any())):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                losses = model.token_losses(tokens[pos] * inside, tokens[pos + 1] * inside, lora.sites)
+                losses = model.token_losses(tokens[pos] * inside, tokens[pos + 1] * inside,
+                                            lora.sites if adapt else None)
         record_scores(losses.detach(), pos, now, target_bytes, tally, per_target)
         if not trains.any():
             continue
@@ -2361,13 +2393,15 @@ def global_phase(model: GPT, val: dict, end: int, scored: Tensor, args: Hyperpar
 
 
 def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world_size: int, use_autocast: bool,
-                  per_target: Tensor | None = None) -> tuple[float, float, int, dict]:
+                  per_target: Tensor | None = None, deadline: float = math.inf) -> tuple[float, float, int, dict]:
     """TTT_MODE=lora: per-document LoRA test-time training over the frozen dequantized artifact. Documents go
     TTT_LORA_DOCS at a time, longest first, to the ranks (balanced by cost; no rank sees another's updates). Each
     is scored in order in chunks of TTT_LORA_CHUNK targets with its own context only, and its adapters train on
     each chunk after it is scored (adapt_documents); adapters start afresh with every batch. With TTT_PHASE_FRAC,
     the stream's first documents are scored first, then every weight trains on them (global_phase) and the rest
-    are scored with the result: no score depends on a later token. Returns (val_loss, val_bpb, targets, facts)."""
+    are scored with the result: no score depends on a later token. A batch adapts only while its rank can still
+    score all its batches by `deadline` (time.perf_counter; adapt_in_time), so that the evaluation keeps its time
+    limit; the batches after that are scored without adapters. Returns (val_loss, val_bpb, targets, facts)."""
     tokens, device = val["tokens"], val["tokens"].device
     docs = find_documents(tokens, model.bos_id)
     lengths = docs[:, 1] - docs[:, 0]
@@ -2382,25 +2416,39 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
              "late": torch.zeros((), dtype=torch.int64, device=device),
              "scored": torch.zeros(tokens.numel() - 1, dtype=torch.uint8, device=device), "updates": 0,
              "document_updates": 0, "batches": 0}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    phase = None
-    for g, group in enumerate((np.arange(prefix), np.arange(prefix, len(docs)))):
-        if g and prefix:
-            phase = global_phase(model, val, int(docs[prefix, 0]), tally["scored"], args, rank, world_size,
-                                 use_autocast)
+    plans = []  # per group: this rank's batches, each with its cost in positions (batch_work)
+    for group in (np.arange(prefix), np.arange(prefix, len(docs))):
         order = group[np.argsort(-lengths[group], kind="stable")]
         batches = [order[i:i + args.ttt_lora_docs] for i in range(0, len(order), args.ttt_lora_docs)]
         tally["batches"] += len(batches)
-        costs = [float((lengths[b] * np.minimum(lengths[b], args.eval_seq_len)).sum()) for b in batches]
-        for i in balance(costs, world_size)[rank]:
-            adapt_documents(model, val, docs[batches[i]], template, sizes, args, use_autocast, tally, per_target)
+        costs = [float(positions + LORA_STEP_POSITIONS * steps)
+                 for steps, positions in (batch_work(lengths[b], args) for b in batches)]
+        plans.append([(batches[i], costs[i]) for i in balance(costs, world_size)[rank]])
+    rest = sum(cost for plan in plans for _, cost in plan)
+    pace = {True: [0.0, 0.0], False: [0.0, 0.0]}  # adapting or not: seconds, cost
+    unadapted = 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    phase = None
+    for g, plan in enumerate(plans):
+        if g and prefix:
+            phase = global_phase(model, val, int(docs[prefix, 0]), tally["scored"], args, rank, world_size,
+                                 use_autocast)
+        for batch, cost in plan:
+            rest -= cost
+            adapt = adapt_in_time(time.perf_counter(), deadline, pace, cost, rest)
+            t0 = time.perf_counter()
+            adapt_documents(model, val, docs[batch], template, sizes, args, use_autocast, tally, per_target, adapt)
+            pace[adapt][0] += time.perf_counter() - t0
+            pace[adapt][1] += cost
+            unadapted += 0 if adapt else len(batch)
     for p in model.parameters():
         p.requires_grad_(True)
-    counts = torch.tensor([int(tally["late"]), tally["updates"], tally["document_updates"]], device=device)
+    counts = torch.tensor([int(tally["late"]), tally["updates"], tally["document_updates"], unadapted],
+                          device=device)
     if world_size > 1:
         dist.all_reduce(counts)
-    late, updates, document_updates = counts.tolist()
+    late, updates, document_updates, unadapted = counts.tolist()
     late += phase["late"] if phase else 0
     loss, bpb, count = finish_scores(tally["sums"], tokens.numel() - 1, world_size, per_target)
     facts = {"method": "score-first per-document LoRA", "on": "dequantized artifact",
@@ -2410,6 +2458,7 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
                       f"adapters every batch", "documents": len(docs), "batches": tally["batches"],
              "optimizer": "adam", "lr": args.ttt_lora_lr, "weight_decay": args.ttt_lora_wd,
              "updates": updates, "document_updates": document_updates, "updates_on_unscored_targets": late,
+             "documents_not_adapted": unadapted,
              "score_first": late == 0, "phase": phase and dict(documents=prefix, targets=phase["targets"],
                                                                chunks=phase["chunks"], lr=phase["lr"])}
     return loss, bpb, count, facts
@@ -2436,11 +2485,13 @@ def score_pre_export(token_losses, val: dict, args: Hyperparameters, place: Plac
 
 
 def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: Hyperparameters, place: Place,
-                     log: RunLog) -> dict:
+                     log: RunLog, spent_s: float) -> dict:
     """Dequantize the artifact over every tensor of the model, then score the whole validation stream:
     non-overlapping windows, sliding windows, then (TTT_MODE=lora) every document alone, the baseline of
     score-first test-time training, which comes last. Each pass scores every target once; the last one is the
-    headline."""
+    headline. TTT adapts only while the evaluation, `spent_s` seconds before this (the pre-export pass) and all of
+    this, can still end inside EVAL_LIMIT_SECONDS."""
+    deadline = time.perf_counter() + EVAL_LIMIT_SECONDS - TTT_DEADLINE_MARGIN_SECONDS - spent_s
     model.load_state_dict(dequantize_state(artifact), strict=True)
     results = {}
     passes = [("roundtrip", args.eval_seq_len)] + ([("sliding_window", args.eval_stride)] if args.eval_stride else [])
@@ -2466,13 +2517,16 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
                {"method": "each document alone, no adaptation"})
         sync(place)  # last: it changes the weights, and nothing reads them afterwards
         t0 = time.perf_counter()
-        *scores, facts = evaluate_lora(model, val, args, place.rank, place.world_size, place.cuda)
+        *scores, facts = evaluate_lora(model, val, args, place.rank, place.world_size, place.cuda, deadline=deadline)
         phase = facts["phase"]
         log(f"ttt: {facts['adapted']} (adam lr {args.ttt_lora_lr:g} weight decay {args.ttt_lora_wd:g}) over the "
             f"frozen dequantized artifact: {facts['documents']} documents, {facts['order']}; "
             + (f"then every weight on the first {phase['documents']} documents, scored by then ({phase['chunks']} "
                f"SGD chunks, lr {phase['lr']:g}); " if phase else "no global phase; ")
-            + f"{facts['updates']} updates; updates reading targets not yet scored: "
+            + f"{facts['updates']} updates; "
+            + (f"{facts['documents_not_adapted']} documents scored without adapting, to end the evaluation inside "
+               f"{EVAL_LIMIT_SECONDS:g} s; " if facts["documents_not_adapted"] else "")
+            + "updates reading targets not yet scored: "
             f"{facts['updates_on_unscored_targets']} score_first:{facts['score_first']}")
         sync(place)
         report("ttt", f"chunk:{args.ttt_lora_chunk}", tuple(scores), time.perf_counter() - t0, facts)
@@ -2531,7 +2585,7 @@ def assess_validity(m: dict) -> tuple[dict[str, bool | None], list[str]]:
         "official_validation_split": official_split(m),
         "eight_h100": (all(h == EIGHT_H100 for h in hardware.split(" and ")),
                        f"ran on {hardware}, not {EIGHT_H100} (SXM, HBM3)"),
-        "eval_under_600s": (m["eval_seconds"] <= 600 if full_split else None,
+        "eval_under_600s": (m["eval_seconds"] <= EVAL_LIMIT_SECONDS if full_split else None,
                             f"evaluation took {m['eval_seconds']:.1f}s"),
         "artifact_under_16mb": (m["bytes_total"] <= SIZE_LIMIT_BYTES,
                                 f"code + artifact {m['bytes_total']} bytes > {SIZE_LIMIT_BYTES}"),
@@ -2580,8 +2634,8 @@ def record_verdict(training: dict, results: dict, args: Hyperparameters, code: b
                compliance=dict(flags, calibration=cal, test_time_adaptation=ttt),
                hardware=hardware, pytorch_version=torch.__version__,
                config={k: env_string(v) for k, v in args.values.items()})
-    log(f"eval_time:{eval_seconds:.1f}s (the artifact's passes"
-        + (f" and the pre-export pass, {pre_export_s:.1f}s, which compiled them)" if pre_export_s else ")"))
+    log(f"eval_time:{eval_seconds:.1f}s (the artifact's passes" + (f", and the pre-export pass: {pre_export_s:.1f}s)"
+                                                                  if pre_export_s else ")"))
     log(f"valid_except_hardware_and_data:{apart} (every rule but {' and '.join(HARDWARE_AND_DATA_RULES)})")
     log(f"submission_facts:{log.json} valid:{valid}" + (f" broke: {'; '.join(broken)}" if broken else "")
         + (f"{';' if broken else ''} not assessed: {', '.join(not_assessed)}" if not_assessed else ""))
@@ -2628,7 +2682,7 @@ def main() -> int:
         pre_export_s = score_pre_export(token_losses, val, args, place, log)
         blob = export_artifact(model, stats, args, code, place, log)
         artifact = deserialize_artifact(blob, args.artifact_path)
-        results = final_evaluation(model, artifact, token_losses, val, args, place, log)
+        results = final_evaluation(model, artifact, token_losses, val, args, place, log, pre_export_s)
         status = record_verdict(facts, results, args, code, blob, place, val, log, pre_export_s)
     except BaseException as error:
         log.fail(error)

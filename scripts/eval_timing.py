@@ -46,8 +46,8 @@ def cut_documents(tokens: np.ndarray, bos_id: int, mean: float, sigma: float, se
 
 def lora_work(tg, tokens: np.ndarray, bos_id: int, args) -> tuple[int, int]:
     """(updates, positions run forward) of TTT_MODE=lora's pass over these tokens on one GPU: evaluate_lora's
-    batches and adapt_documents' chunk windows, replayed without a model. The positions per target, not the
-    number of targets, set the pass's time."""
+    batches, each counted by train_gpt.batch_work. The positions per target, not the number of targets, set the
+    pass's time."""
     docs = tg.find_documents(torch.from_numpy(tokens.astype(np.int64)), bos_id)
     lengths = docs[:, 1] - docs[:, 0]
     prefix = int(np.searchsorted(docs[:, 0], args.ttt_phase_frac * (len(tokens) - 1)))
@@ -56,12 +56,8 @@ def lora_work(tg, tokens: np.ndarray, bos_id: int, args) -> tuple[int, int]:
     for group in (np.arange(prefix), np.arange(prefix, len(docs))):
         order = group[np.argsort(-lengths[group], kind="stable")]
         for b in range(0, len(order), args.ttt_lora_docs):
-            batch = lengths[order[b:b + args.ttt_lora_docs]]
-            chunks = -(-batch // args.ttt_lora_chunk)
-            for i in range(int(chunks.max())):
-                width = int(min(args.eval_seq_len, (i + 1) * args.ttt_lora_chunk, batch[0]))
-                positions += int((chunks > i).sum()) * width
-                updates += bool((chunks > i + 1).any())
+            steps, work = tg.batch_work(lengths[order[b:b + args.ttt_lora_docs]], args)
+            updates, positions = updates + steps - 1, positions + work  # a batch's last step updates nothing
     return updates, positions
 
 

@@ -76,7 +76,7 @@ def main(tg, options: argparse.Namespace) -> int:
             pre_export_s = tg.score_pre_export(token_losses, val, args, place, log)
             blob = tg.export_artifact(model, source["stats"], args, code, place, log)
             source = tg.deserialize_artifact(blob, args.artifact_path)
-        results = tg.final_evaluation(model, source, token_losses, val, args, place, log)
+        results = tg.final_evaluation(model, source, token_losses, val, args, place, log, pre_export_s)
         status = tg.record_verdict(training, results, args, code, blob, place, val, log, pre_export_s)
     except BaseException as error:
         log.fail(error)

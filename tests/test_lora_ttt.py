@@ -182,6 +182,42 @@ def test_without_learning_rate_it_is_the_document_isolated_pass():
     assert (loss, bpb, count) == pytest.approx(ref, abs=1e-6)
 
 
+def test_past_the_deadline_no_batch_adapts_and_it_is_the_document_isolated_pass():
+    """A deadline already passed leaves the pass what fresh adapters compute, without building them: every target
+    scored once, as the document-isolated pass scores it; the phase still runs on what is scored by then."""
+    tokens = doc_stream()
+    args = tiny_args(**dict(LORA_ENV, TTT_PHASE_FRAC="0"))
+    late = torch.zeros(599, dtype=torch.float64)
+    loss, bpb, count, facts = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False, late,
+                                               deadline=-math.inf)
+    isolated = torch.zeros_like(late)
+    ref = tg.evaluate_documents(tiny_model(args).token_losses, val_of(tokens), args, BOS, 0, 1, CPU, False, isolated)
+    torch.testing.assert_close(late, isolated, rtol=0, atol=1e-5)
+    assert (loss, bpb, count) == pytest.approx(ref, abs=1e-6)
+    assert facts["updates"] == 0 and facts["documents_not_adapted"] == facts["documents"] == 7
+    assert facts["score_first"] is True
+    _, _, _, timely = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False)
+    assert timely["updates"] > 0 and timely["documents_not_adapted"] == 0
+
+
+def test_a_batch_adapts_only_if_the_rest_can_still_be_scored_in_time():
+    pace = {True: [10.0, 100.0], False: [0.0, 0.0]}  # 0.1 s a unit adapting; scoring not measured yet
+    assert tg.adapt_in_time(0.0, 10.0, {True: [0.0, 0.0], False: [0.0, 0.0]}, 1e9, 1e9)  # no pace yet: adapt
+    assert not tg.adapt_in_time(10.0, 10.0, {True: [0.0, 0.0], False: [0.0, 0.0]}, 0.0, 0.0)  # too late
+    assert tg.adapt_in_time(0.0, 10.0, pace, 50.0, 50.0)  # 5 s + 5 s at the adapting pace: just in time
+    assert not tg.adapt_in_time(0.0, 10.0, pace, 50.0, 51.0)
+    pace[False] = [1.0, 100.0]  # scoring measured: 0.01 s a unit
+    assert tg.adapt_in_time(0.0, 10.0, pace, 90.0, 100.0)  # 9 s + 1 s
+    assert not tg.adapt_in_time(0.0, 10.0, pace, 91.0, 100.0)
+
+
+def test_batch_work_counts_the_chunk_steps_and_positions_of_a_batch():
+    args = tiny_args(**LORA_ENV)  # 8-target chunks, 32-token windows
+    # documents of 20 and 9 targets: 3 and 2 chunks; windows 8, 16, 20 (capped by the longest document)
+    assert tg.batch_work(tg.np.array([20, 9]), args) == (3, 2 * 8 + 2 * 16 + 1 * 20)
+    assert tg.batch_work(tg.np.array([100]), args) == (13, 8 + 16 + 24 + 32 * 10)
+
+
 def test_one_document_is_the_sliding_pass():
     """With no BOS but the first token the whole stream is one document: its windows end every 8 targets and reach
     32 back, the sliding pass's at stride 8."""
