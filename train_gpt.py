@@ -2271,7 +2271,7 @@ def evaluate_documents(token_losses, val: dict, args: Hyperparameters, bos_id: i
 # host syncs, the adapters' update). Fitted to two passes on one H100 (logs/README.md, v15): 112 ms a step at
 # 18K positions, 189 ms at 55K.
 LORA_STEP_POSITIONS = 36_000
-TTT_DEADLINE_MARGIN_SECONDS = 30.0  # kept after the LoRA pass's last batch, for what the evaluation does after it
+TTT_DEADLINE_MARGIN_SECONDS = 30.0  # kept for what the evaluation does after the LoRA pass, and for misforecasts
 
 
 def batch_work(lengths: np.ndarray, args: Hyperparameters) -> tuple[int, int]:
@@ -2284,9 +2284,10 @@ def batch_work(lengths: np.ndarray, args: Hyperparameters) -> tuple[int, int]:
 
 
 def adapt_in_time(now: float, deadline: float, pace: dict[bool, list[float]], cost: float, rest: float) -> bool:
-    """Whether a batch of this cost may adapt and still leave time to score the `rest` (this rank's batches after
-    it) by the deadline, at the pace measured so far (`pace[adapting]`: seconds, cost). Scoring without adapting
-    is taken at the adapting pace until it is measured; with no pace yet, a batch adapts if it is not too late."""
+    """Whether a batch of this cost may adapt and still leave time to score the `rest` (this rank's work after it:
+    batches, and the global phase if it is still to come) by the deadline, at the pace measured so far
+    (`pace[adapting]`: seconds, cost). Scoring without adapting is taken at the adapting pace until it is
+    measured; with no pace yet (the first batch), a batch adapts if it is not too late."""
     if now >= deadline:
         return False
     rate = {adapting: seconds / done for adapting, (seconds, done) in pace.items() if done > 0}
@@ -2399,9 +2400,10 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     is scored in order in chunks of TTT_LORA_CHUNK targets with its own context only, and its adapters train on
     each chunk after it is scored (adapt_documents); adapters start afresh with every batch. With TTT_PHASE_FRAC,
     the stream's first documents are scored first, then every weight trains on them (global_phase) and the rest
-    are scored with the result: no score depends on a later token. A batch adapts only while its rank can still
-    score all its batches by `deadline` (time.perf_counter; adapt_in_time), so that the evaluation keeps its time
-    limit; the batches after that are scored without adapters. Returns (val_loss, val_bpb, targets, facts)."""
+    are scored with the result: no score depends on a later token. A batch adapts only if its rank can still do
+    all its remaining work by `deadline` (time.perf_counter; adapt_in_time), so that the evaluation keeps its time
+    limit; one that cannot is scored without adapters (a later, cheaper one may adapt again). Returns (val_loss,
+    val_bpb, targets, facts)."""
     tokens, device = val["tokens"], val["tokens"].device
     docs = find_documents(tokens, model.bos_id)
     lengths = docs[:, 1] - docs[:, 0]
@@ -2424,7 +2426,10 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
         costs = [float(positions + LORA_STEP_POSITIONS * steps)
                  for steps, positions in (batch_work(lengths[b], args) for b in batches)]
         plans.append([(batches[i], costs[i]) for i in balance(costs, world_size)[rank]])
-    rest = sum(cost for plan in plans for _, cost in plan)
+    phase_end = int(docs[prefix, 0]) if prefix else 0  # the global phase trains on the targets before it
+    # priced as LoRA steps: one a chunk, over this rank's share of the chunk's positions
+    phase_cost = -(-phase_end // args.ttt_chunk_tokens) * LORA_STEP_POSITIONS + phase_end / world_size
+    rest = sum(cost for plan in plans for _, cost in plan) + phase_cost
     pace = {True: [0.0, 0.0], False: [0.0, 0.0]}  # adapting or not: seconds, cost
     unadapted = 0
     for p in model.parameters():
@@ -2432,13 +2437,15 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     phase = None
     for g, plan in enumerate(plans):
         if g and prefix:
-            phase = global_phase(model, val, int(docs[prefix, 0]), tally["scored"], args, rank, world_size,
-                                 use_autocast)
+            phase = global_phase(model, val, phase_end, tally["scored"], args, rank, world_size, use_autocast)
+            rest -= phase_cost
         for batch, cost in plan:
             rest -= cost
             adapt = adapt_in_time(time.perf_counter(), deadline, pace, cost, rest)
             t0 = time.perf_counter()
             adapt_documents(model, val, docs[batch], template, sizes, args, use_autocast, tally, per_target, adapt)
+            if device.type == "cuda":  # the pace is the GPU's, not how far the host ran ahead of it
+                torch.cuda.synchronize(device)
             pace[adapt][0] += time.perf_counter() - t0
             pace[adapt][1] += cost
             unadapted += 0 if adapt else len(batch)
@@ -2524,8 +2531,8 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
             + (f"then every weight on the first {phase['documents']} documents, scored by then ({phase['chunks']} "
                f"SGD chunks, lr {phase['lr']:g}); " if phase else "no global phase; ")
             + f"{facts['updates']} updates; "
-            + (f"{facts['documents_not_adapted']} documents scored without adapting, to end the evaluation inside "
-               f"{EVAL_LIMIT_SECONDS:g} s; " if facts["documents_not_adapted"] else "")
+            + (f"{facts['documents_not_adapted']} documents scored without adapting, aiming to end the evaluation "
+               f"inside {EVAL_LIMIT_SECONDS:g} s; " if facts["documents_not_adapted"] else "")
             + "updates reading targets not yet scored: "
             f"{facts['updates_on_unscored_targets']} score_first:{facts['score_first']}")
         sync(place)

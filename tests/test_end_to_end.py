@@ -245,6 +245,8 @@ def test_export_only_reproduces_the_artifact_bit_for_bit(run, demo_data_dir, tmp
     for key in ("steps", "train_time_ms", "train_plus_calibration_s", "calibration_within_wallclock", "bytes_total",
                 "pre_quant_val_loss"):
         assert facts[key] == run.facts[key], key
+    assert facts["eval_time_seconds"] == pytest.approx(facts["pre_quant_eval_seconds"] + sum(
+        r["eval_seconds"] for r in facts["results"].values()), abs=1e-9)  # its pre-export pass counts too
     env.update(RUN_ID="uniform", QUANT_UNIFORM_BITS="5", ARTIFACT_PATH="uniform.ptz")
     proc = run_evaluate(workdir, env, "--checkpoint", str(run.checkpoint))
     assert proc.returncode == 0, proc.stderr[-5000:]

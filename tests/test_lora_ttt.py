@@ -184,7 +184,7 @@ def test_without_learning_rate_it_is_the_document_isolated_pass():
 
 def test_past_the_deadline_no_batch_adapts_and_it_is_the_document_isolated_pass():
     """A deadline already passed leaves the pass what fresh adapters compute, without building them: every target
-    scored once, as the document-isolated pass scores it; the phase still runs on what is scored by then."""
+    scored once, as the document-isolated pass scores it (no global phase here: it would change the weights)."""
     tokens = doc_stream()
     args = tiny_args(**dict(LORA_ENV, TTT_PHASE_FRAC="0"))
     late = torch.zeros(599, dtype=torch.float64)
@@ -198,6 +198,64 @@ def test_past_the_deadline_no_batch_adapts_and_it_is_the_document_isolated_pass(
     assert facts["score_first"] is True
     _, _, _, timely = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False)
     assert timely["updates"] > 0 and timely["documents_not_adapted"] == 0
+    phased = tiny_args(**LORA_ENV)  # with the phase: it still runs on what is scored by then, score-first
+    seen = torch.zeros(599, dtype=torch.float64)
+    *_, count, facts = tg.evaluate_lora(tiny_model(phased), val_of(tokens), phased, 0, 1, False, seen,
+                                        deadline=-math.inf)
+    assert count == 599 and bool((seen > 0).all()) and facts["updates"] == 0 and facts["phase"]["chunks"] > 0
+    assert facts["score_first"] is True and facts["documents_not_adapted"] == 7
+
+
+def test_the_deadline_sees_each_batchs_cost_the_work_left_and_the_pace_of_each_kind(monkeypatch):
+    """Batches of one document, each taking one second on a fake clock, adapting or not as a script says: every
+    decision gets the batch's cost, the cost of what is left after it (the phase priced in until it has run),
+    and the seconds and cost done so far adapting and not."""
+    tokens = doc_stream()
+    args = tiny_args(**dict(LORA_ENV, TTT_LORA_DOCS="1"))
+    clock = [0.0]
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: clock[0])
+    adapt_documents = tg.adapt_documents
+
+    def one_second(*a, **k):
+        adapt_documents(*a, **k)
+        clock[0] += 1.0
+
+    calls, script = [], [True, False, False, True, True, False, True]
+
+    def decide(now, deadline, pace, cost, rest):
+        calls.append((now, deadline, {k: tuple(v) for k, v in pace.items()}, cost, rest))
+        return script[len(calls) - 1]
+
+    monkeypatch.setattr(tg, "adapt_documents", one_second)
+    monkeypatch.setattr(tg, "adapt_in_time", decide)
+    *_, facts = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False, deadline=123.0)
+    lengths = [70, 5, 125, 133, 1, 126, 139]  # the phase covers the first three documents (200 targets)
+    order = [2, 0, 1, 6, 3, 5, 4]  # each group longest first
+    costs = [sum(tg.batch_work(tg.np.array([lengths[d]]), args) * tg.np.array([tg.LORA_STEP_POSITIONS, 1]))
+             for d in order]
+    phase_cost = -(-200 // 64) * tg.LORA_STEP_POSITIONS + 200
+    assert [c[3] for c in calls] == costs and [c[1] for c in calls] == [123.0] * 7
+    assert [c[4] for c in calls] == [sum(costs[i + 1:]) + (phase_cost if i < 3 else 0) for i in range(7)]
+    done = {True: [0.0, 0.0], False: [0.0, 0.0]}
+    for (now, _, pace, _, _), adapted, cost in zip(calls, script, costs):
+        assert pace == {k: tuple(v) for k, v in done.items()}
+        done[adapted][0] += 1.0
+        done[adapted][1] += cost
+    assert [c[0] for c in calls] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert facts["documents_not_adapted"] == 3 and facts["updates"] > 0
+
+
+def test_the_deadline_counts_the_evaluation_spent_before_the_passes():
+    """final_evaluation's deadline is 600 s less what the evaluation spent before it (the pre-export pass): with
+    all of it spent, no document adapts; with none, every one does."""
+    args = tiny_args(**LORA_ENV)
+    model, tokens = tiny_model(args), doc_stream()
+    artifact = {"tensors": {}, "passthrough": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    place, log = tg.Place(False, 0, 1, CPU), tg.RunLog("unused", False, b"")
+    for spent, unadapted in ((tg.EVAL_LIMIT_SECONDS, 7), (0.0, 0)):
+        model = tiny_model(args)
+        results = tg.final_evaluation(model, artifact, model.token_losses, val_of(tokens), args, place, log, spent)
+        assert results["ttt"]["documents_not_adapted"] == unadapted
 
 
 def test_a_batch_adapts_only_if_the_rest_can_still_be_scored_in_time():
