@@ -9,8 +9,11 @@
 #                                      export variants on the same trained weights
 #   rescore GPU RUN_ID PTZ [VAR=...]   score a saved artifact again (scripts/evaluate.py): evaluation variants (TTT,
 #                                      context) on the same artifact
+#   timing GPU RUN_ID PTZ [VAR=...]    time the evaluation passes on documents as long as FineWeb's
+#                                      (scripts/eval_timing.py; TARGETS=N scores the first N targets only)
 # VOCAB_SIZE=1024 among the VAR=VALUE pairs selects the sp1024 data (the script's default is 8192). Each run writes logs/RUN_ID.{txt,json}, which
-# are then packed into $OUT/logs.tgz (when $OUT is set). A run is stopped after $LIMIT seconds (default 590).
+# are then packed into $OUT/logs.tgz (when $OUT is set). A run is stopped after $LIMIT seconds (default 590), and
+# killed 15 s later if it has not left by then (a stuck exit would otherwise hold the rest of the call).
 # SCRIPT=other.py runs another revision of the script, for an A/B of two revisions.
 export PYTHONUNBUFFERED=1
 mkdir -p logs /tmp/ckpt && touch /tmp/proxy.start
@@ -37,7 +40,7 @@ _run() {  # GPU RUN_ID VAR=VALUE...: one run under the time limit, then its logs
     local gpu=$1 run_id=$2; shift 2
     env CUDA_VISIBLE_DEVICES="$gpu" RUN_ID="$run_id" ARTIFACT_PATH="/tmp/$run_id.ptz" \
         CHECKPOINT_PATH="/tmp/ckpt/$run_id.pt" $(_data_for "$@") "$@" \
-        timeout "${LIMIT:-590}" python3 ${PROGRAM:-${SCRIPT:-train_gpt.py}} > "/tmp/$run_id.out" 2>&1
+        timeout -k 15 "${LIMIT:-590}" python3 ${PROGRAM:-${SCRIPT:-train_gpt.py}} > "/tmp/$run_id.out" 2>&1
     echo "$run_id exit $? $(grep -h '^submission_facts\|^ERROR' "logs/$run_id.txt" 2>/dev/null | cut -c1-200)"
     if [ -n "$OUT" ]; then  # every log written since this file was sourced
         (flock 9; find logs -newer /tmp/proxy.start -type f | tar czf "$OUT/logs.tgz" -T -) 9>/tmp/out.lock
@@ -58,3 +61,6 @@ again() { local gpu=$1 id=$2 ckpt=$3; shift 3  # export variants: scored without
     PROGRAM="scripts/evaluate.py --checkpoint $ckpt --script ${SCRIPT:-train_gpt.py}" _run "$gpu" "$id" TTT_MODE=off "$@"; }
 rescore() { local gpu=$1 id=$2 artifact=$3; shift 3
     PROGRAM="scripts/evaluate.py --artifact $artifact --script ${SCRIPT:-train_gpt.py}" _run "$gpu" "$id" "$@"; }
+timing() { local gpu=$1 id=$2 artifact=$3; shift 3
+    PROGRAM="scripts/eval_timing.py --artifact $artifact --targets ${TARGETS:-0} --script ${SCRIPT:-train_gpt.py}" \
+        _run "$gpu" "$id" "$@"; }
