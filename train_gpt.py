@@ -2267,9 +2267,8 @@ def evaluate_documents(token_losses, val: dict, args: Hyperparameters, bos_id: i
     return finish_scores(sums, num_targets, world_size, per_target)
 
 
-# What one chunk step of the LoRA pass costs beyond the positions it runs, in positions: its fixed part (launches,
-# host syncs, the adapters' update). Fitted to two passes on one H100 (logs/README.md, v15): 112 ms a step at
-# 18K positions, 189 ms at 55K.
+# What one chunk step of the LoRA pass costs beyond the positions it runs, in positions: its fixed part (not yet
+# profiled). Fitted to two passes on one H100 (logs/README.md, v15): 112 ms a step at 18K positions, 189 ms at 55K.
 LORA_STEP_POSITIONS = 36_000
 TTT_DEADLINE_MARGIN_SECONDS = 30.0  # kept for what the evaluation does after the LoRA pass, and for misforecasts
 
