@@ -30,8 +30,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import REPO, load_script  # noqa: E402
 
-OFFICIAL_TARGETS_SP8192 = 40_540_160  # the official split's targets in whole 2048-token sequences (train_gpt.py)
-
 
 def cut_documents(tokens: np.ndarray, bos_id: int, mean: float, sigma: float, seed: int) -> np.ndarray:
     """The tokens with a BOS at position 0 and after every log-normal document length (mean `mean`, at least 2), and
@@ -72,17 +70,20 @@ def main(tg, options: argparse.Namespace) -> int:
         tg.log_run_header(log, args, place)
         sp = tg.load_tokenizer(args.tokenizer_path, args.vocab_size)
         tokens = tg.load_validation_tokens(args.data_path)[:options.targets + 1 if options.targets else None]
-        tokens = cut_documents(tokens, sp.bos_id(), options.mean, options.sigma, args.seed)
+        # the official split of this vocabulary (sp8192's for a vocabulary without one): its targets and documents
+        official = tg.OFFICIAL_VAL_TARGETS.get(args.vocab_size, tg.OFFICIAL_VAL_TARGETS[8192])
+        mean = options.mean or official / tg.OFFICIAL_VAL_DOCUMENTS
+        tokens = cut_documents(tokens, sp.bos_id(), mean, options.sigma, args.seed)
         byte_counts = tg.target_byte_counts(tokens, tg.build_sentencepiece_luts(sp))
         documents = int((tokens == sp.bos_id()).sum())
         val = {"tokens": torch.from_numpy(tokens.astype(np.int64)).to(place.device),
                "target_bytes": torch.from_numpy(byte_counts).to(place.device), "documents": documents}
         targets = len(tokens) - 1
-        log(f"eval_timing: {targets} targets re-cut into {documents} documents (log-normal, mean {options.mean:g}, "
+        log(f"eval_timing: {targets} targets re-cut into {documents} documents (log-normal, mean {mean:.0f}, "
             f"sigma {options.sigma:g}; measured mean {targets / documents:.0f})")
         model, token_losses = tg.build_model(args, sp.bos_id(), place, log, training=False)
         model.load_state_dict(tg.dequantize_state(artifact), strict=True)
-        share = OFFICIAL_TARGETS_SP8192 / options.world
+        share = official / options.world
 
         def timed(label: str, run) -> None:
             tg.sync(place)
@@ -118,7 +119,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, required=True, help="an artifact (final_model.ptz) to score")
     parser.add_argument("--script", type=Path, default=REPO / "train_gpt.py", help="the train_gpt.py to run")
-    parser.add_argument("--mean", type=float, default=OFFICIAL_TARGETS_SP8192 / 50_000, help="mean document length")
+    parser.add_argument("--mean", type=float, default=0.0,
+                        help="mean document length (default: the official split's, 811 targets at sp8192)")
     parser.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the document lengths")
     parser.add_argument("--targets", type=int, default=0, help="score the first N targets (0: all)")
     parser.add_argument("--world", type=int, default=8, help="GPUs the official split is shared among")
