@@ -10,7 +10,7 @@ cut, and the most common token each BOS the tokens held), scores them with the a
 targets per second and its time for one GPU's share of the official split (1/--world of its targets). The
 projection assumes the per-target cost of the re-cut documents; their scores mean nothing.
 
-    python3 scripts/eval_timing.py --artifact final_model.ptz [--mean 811] [--sigma 1.0] [--targets N]
+    python3 scripts/eval_timing.py --artifact final_model.ptz [--mean 811] [--sigma 1.0] [--targets N] [--profile]
 
 Every knob comes from the environment as for train_gpt.py (DATA_PATH, TOKENIZER_PATH, TTT_*); the model's shape
 from the artifact. The log goes to logs/<RUN_ID>.txt with this script's and train_gpt.py's source at its top.
@@ -108,7 +108,15 @@ def main(tg, options: argparse.Namespace) -> int:
             updates, positions = lora_work(tg, tokens, sp.bos_id(), args)
             log(f"eval_timing ttt_lora plan: {updates} updates, {positions} positions forward "
                 f"({positions / targets:.1f} a target)")
-            timed("ttt_lora", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda))
+            if not options.profile:
+                timed("ttt_lora", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda))
+                return 0
+            kinds = [torch.profiler.ProfilerActivity.CPU]
+            kinds += [torch.profiler.ProfilerActivity.CUDA] if place.cuda else []
+            with torch.profiler.profile(activities=kinds) as profile:
+                timed("ttt_lora (profiled)", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda))
+            order = "self_cuda_time_total" if place.cuda else "self_cpu_time_total"
+            log(profile.key_averages().table(sort_by=order, row_limit=30))
     except BaseException as error:
         log.fail(error)
         raise
@@ -124,6 +132,8 @@ if __name__ == "__main__":
     parser.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of the document lengths")
     parser.add_argument("--targets", type=int, default=0, help="score the first N targets (0: all)")
     parser.add_argument("--world", type=int, default=8, help="GPUs the official split is shared among")
+    parser.add_argument("--profile", action="store_true", help="profile the LoRA pass (torch.profiler): a table of "
+                        "its operators by their own time, in the log; keep --targets small")
     arguments = parser.parse_args()
     train_gpt = load_script(arguments.script)
     train_gpt.exit_with(lambda: main(train_gpt, arguments))

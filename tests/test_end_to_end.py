@@ -229,6 +229,25 @@ def test_eval_only_without_ttt_ends_at_the_sliding_pass(run, demo_data_dir, tmp_
     assert facts["compliance"]["test_time_adaptation"] == "none"
 
 
+def test_eval_timing_times_every_pass_and_profiles_the_lora_pass(run, demo_data_dir, tmp_path_factory):
+    """scripts/eval_timing.py on the run's artifact: each pass timed on re-cut documents, the LoRA pass's plan, and
+    with --profile an operator table, in a log that holds both scripts' source."""
+    workdir = new_workdir(tmp_path_factory, "e2e_timing")
+    env = clean_env(**data_env(demo_data_dir), EVAL_SEQ_LEN="64", EVAL_STRIDE="32", RUN_ID="timing")
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "eval_timing.py"), "--artifact", str(run.artifact),
+               "--script", str(workdir / "train_gpt.py"), "--targets", "3000", "--mean", "100", "--profile"]
+    proc = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    head, log = (workdir / "logs" / "timing.txt").read_text(encoding="utf-8").split("=" * 100 + "\n", 1)
+    assert "def cut_documents" in head and "def final_evaluation" in log.split("=" * 100)[0]
+    for label in ("compile_and_roundtrip", "roundtrip", "sliding_window", "doc_isolated", "ttt_lora (profiled)"):
+        assert re.search(rf"^eval_timing {re.escape(label)}: 3000 targets in [0-9.]+s \(\d+ targets/s; .*-> \d+s for "
+                         r"1/8 of the official split$", log, re.M), label
+    assert re.search(r"^eval_timing: 3000 targets re-cut into \d+ documents \(log-normal, mean 100,", log, re.M)
+    assert re.search(r"^eval_timing ttt_lora plan: \d+ updates, \d+ positions forward", log, re.M)
+    assert "Self CPU" in log and "aten::" in log  # the profile's table
+
+
 def test_export_only_reproduces_the_artifact_bit_for_bit(run, demo_data_dir, tmp_path_factory):
     """The checkpoint holds the exported weights and the calibration statistics: exporting it again with the same
     settings gives the same bytes and scores, and other settings change the export alone."""
