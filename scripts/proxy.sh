@@ -10,7 +10,8 @@
 #   rescore GPU RUN_ID PTZ [VAR=...]   score a saved artifact again (scripts/evaluate.py): evaluation variants (TTT,
 #                                      context) on the same artifact
 #   timing GPU RUN_ID PTZ [VAR=...]    time the evaluation passes on documents as long as FineWeb's
-#                                      (scripts/eval_timing.py; TARGETS=N scores the first N targets only)
+#                                      (scripts/eval_timing.py; TARGETS=N scores the first N targets only;
+#                                      PROFILE=1 adds the LoRA pass's operator table)
 # VOCAB_SIZE=1024 among the VAR=VALUE pairs selects the sp1024 data (the script's default is 8192). Each run writes logs/RUN_ID.{txt,json}, which
 # are then packed into $OUT/logs.tgz (when $OUT is set). A run is stopped after $LIMIT seconds (default 590), and
 # killed 15 s later if it has not left by then (a stuck exit would otherwise hold the rest of the call).
@@ -62,5 +63,5 @@ again() { local gpu=$1 id=$2 ckpt=$3; shift 3  # export variants: scored without
 rescore() { local gpu=$1 id=$2 artifact=$3; shift 3
     PROGRAM="scripts/evaluate.py --artifact $artifact --script ${SCRIPT:-train_gpt.py}" _run "$gpu" "$id" "$@"; }
 timing() { local gpu=$1 id=$2 artifact=$3; shift 3
-    PROGRAM="scripts/eval_timing.py --artifact $artifact --targets ${TARGETS:-0} --script ${SCRIPT:-train_gpt.py}" \
+    PROGRAM="scripts/eval_timing.py --artifact $artifact --targets ${TARGETS:-0} ${PROFILE:+--profile} --script ${SCRIPT:-train_gpt.py}" \
         _run "$gpu" "$id" "$@"; }
