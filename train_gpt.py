@@ -2318,7 +2318,7 @@ def record_scores(losses: Tensor, pos: Tensor, now: Tensor, target_bytes: Tensor
 
 def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, Tensor], sizes: dict,
                     args: Hyperparameters, use_autocast: bool, tally: dict, per_target: Tensor | None,
-                    adapt: bool = True) -> None:
+                    adapt: bool) -> None:
     """One batch of documents, longest first, each with fresh adapters (B = 0; A from a_init): chunk i of every
     document still running is scored in one forward, each document in its own window; then each document's
     adapters take one step on its mean loss over that chunk, unless it was its last. The scored targets go to
@@ -2392,6 +2392,25 @@ def global_phase(model: GPT, val: dict, end: int, scored: Tensor, args: Hyperpar
     return {"targets": end, "chunks": num_chunks, "lr": args.ttt_phase_lr, "late": int(late.sum())}
 
 
+def plan_lora(docs: np.ndarray, args: Hyperparameters, rank: int,
+              world_size: int) -> tuple[int, int, list[list[tuple[np.ndarray, float]]]]:
+    """(prefix: documents the global phase trains on, batches on all ranks, this rank's batches of the prefix and
+    of the rest, longest documents first, each with its cost in positions: batch_work, LORA_STEP_POSITIONS a step)."""
+    lengths = docs[:, 1] - docs[:, 0]
+    # The phase follows the documents that start in the first TTT_PHASE_FRAC of the stream: a bound no token moves
+    prefix = int(np.searchsorted(docs[:, 0], args.ttt_phase_frac * docs[-1, 1]))
+    prefix = prefix if prefix < len(docs) else 0  # a phase after the last document would help nothing
+    count, plans = 0, []
+    for group in (np.arange(prefix), np.arange(prefix, len(docs))):
+        order = group[np.argsort(-lengths[group], kind="stable")]
+        batches = [order[i:i + args.ttt_lora_docs] for i in range(0, len(order), args.ttt_lora_docs)]
+        count += len(batches)
+        costs = [float(positions + LORA_STEP_POSITIONS * steps)
+                 for steps, positions in (batch_work(lengths[b], args) for b in batches)]
+        plans.append([(batches[i], costs[i]) for i in balance(costs, world_size)[rank]])
+    return prefix, count, plans
+
+
 def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world_size: int, use_autocast: bool,
                   per_target: Tensor | None = None, deadline: float = math.inf) -> tuple[float, float, int, dict]:
     """TTT_MODE=lora: per-document LoRA test-time training over the frozen dequantized artifact. Documents go
@@ -2405,10 +2424,7 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     val_bpb, targets, facts)."""
     tokens, device = val["tokens"], val["tokens"].device
     docs = find_documents(tokens, model.bos_id)
-    lengths = docs[:, 1] - docs[:, 0]
-    # The phase follows the documents that start in the first TTT_PHASE_FRAC of the stream: a bound no token moves
-    prefix = int(np.searchsorted(docs[:, 0], args.ttt_phase_frac * (tokens.numel() - 1)))
-    prefix = prefix if prefix < len(docs) else 0  # a phase after the last document would help nothing
+    prefix, batches, plans = plan_lora(docs, args, rank, world_size)
     sizes = lora_sites(model, args.ttt_lora_targets)
     generator = torch.Generator().manual_seed(args.seed)  # every document's A starts the same: batches don't matter
     template = {k: torch.empty(args.ttt_lora_rank, n).uniform_(-n ** -0.5, n ** -0.5, generator=generator)
@@ -2416,15 +2432,7 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     tally = {"sums": torch.zeros(3, dtype=torch.float64, device=device),
              "late": torch.zeros((), dtype=torch.int64, device=device),
              "scored": torch.zeros(tokens.numel() - 1, dtype=torch.uint8, device=device), "updates": 0,
-             "document_updates": 0, "batches": 0}
-    plans = []  # per group: this rank's batches, each with its cost in positions (batch_work)
-    for group in (np.arange(prefix), np.arange(prefix, len(docs))):
-        order = group[np.argsort(-lengths[group], kind="stable")]
-        batches = [order[i:i + args.ttt_lora_docs] for i in range(0, len(order), args.ttt_lora_docs)]
-        tally["batches"] += len(batches)
-        costs = [float(positions + LORA_STEP_POSITIONS * steps)
-                 for steps, positions in (batch_work(lengths[b], args) for b in batches)]
-        plans.append([(batches[i], costs[i]) for i in balance(costs, world_size)[rank]])
+             "document_updates": 0}
     phase_end = int(docs[prefix, 0]) if prefix else 0  # the global phase trains on the targets before it
     # priced as LoRA steps: one a chunk, over this rank's share of the chunk's positions
     phase_cost = -(-phase_end // args.ttt_chunk_tokens) * LORA_STEP_POSITIONS + phase_end / world_size
@@ -2461,7 +2469,7 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
              "adapted": f"rank-{args.ttt_lora_rank} adapters on {','.join(args.ttt_lora_targets)}, a set per document",
              "order": f"documents longest first, {args.ttt_lora_docs} a batch; each document's chunks of "
                       f"{args.ttt_lora_chunk} targets in order, scored, then trained on (never its last); fresh "
-                      f"adapters every batch", "documents": len(docs), "batches": tally["batches"],
+                      f"adapters every batch", "documents": len(docs), "batches": batches,
              "optimizer": "adam", "lr": args.ttt_lora_lr, "weight_decay": args.ttt_lora_wd,
              "updates": updates, "document_updates": document_updates, "updates_on_unscored_targets": late,
              "documents_not_adapted": unadapted,

@@ -43,18 +43,14 @@ def cut_documents(tokens: np.ndarray, bos_id: int, mean: float, sigma: float, se
 
 
 def lora_work(tg, tokens: np.ndarray, bos_id: int, args) -> tuple[int, int]:
-    """(updates, positions run forward) of TTT_MODE=lora's pass over these tokens on one GPU: evaluate_lora's
+    """(updates, positions run forward) of TTT_MODE=lora's pass over these tokens on one GPU: train_gpt.plan_lora's
     batches, each counted by train_gpt.batch_work. The positions per target, not the number of targets, set the
     pass's time."""
     docs = tg.find_documents(torch.from_numpy(tokens.astype(np.int64)), bos_id)
-    lengths = docs[:, 1] - docs[:, 0]
-    prefix = int(np.searchsorted(docs[:, 0], args.ttt_phase_frac * (len(tokens) - 1)))
-    prefix = prefix if prefix < len(docs) else 0
     updates = positions = 0
-    for group in (np.arange(prefix), np.arange(prefix, len(docs))):
-        order = group[np.argsort(-lengths[group], kind="stable")]
-        for b in range(0, len(order), args.ttt_lora_docs):
-            steps, work = tg.batch_work(lengths[order[b:b + args.ttt_lora_docs]], args)
+    for plan in tg.plan_lora(docs, args, 0, 1)[2]:
+        for batch, _ in plan:
+            steps, work = tg.batch_work(docs[batch, 1] - docs[batch, 0], args)
             updates, positions = updates + steps - 1, positions + work  # a batch's last step updates nothing
     return updates, positions
 
