@@ -1176,24 +1176,15 @@ class DocumentLoRA(nn.Module):
     """Test-time adapters, one set per document of a batch: at each site a low-rank map x -> scale * x A^T B^T with
     its own A [rank, in] and B [out, rank] for every document (a leading document dimension). An input of n < docs
     rows uses the first n documents' adapters (a batch's documents run longest first, so those still being scored).
-    B starts at zero, so fresh adapters leave the model unchanged; A starts from `a_init`. One set, sized for a
-    whole batch, serves every batch (restart): a batch padded to more rows than it has documents has adapters for
-    them too."""
+    B starts at zero, so fresh adapters leave the model unchanged; A starts from `a_init`."""
 
     def __init__(self, a_init: dict[str, Tensor], out_features: dict[str, int], rank: int):
         super().__init__()
-        self.a_init = a_init
         self.a = nn.ParameterDict({k: nn.Parameter(a.clone()) for k, a in a_init.items()})
         self.b = nn.ParameterDict({k: nn.Parameter(a.new_zeros(a.size(0), out_features[k], rank))
                                    for k, a in a_init.items()})
         self.scale = LORA_ALPHA / rank
         self.sites = {k: self._site(k) for k in a_init}
-
-    @torch.no_grad()
-    def restart(self) -> None:
-        for k, a in self.a_init.items():
-            self.a[k].copy_(a)
-            self.b[k].zero_()
 
     def _site(self, name: str) -> Callable[[Tensor], Tensor]:
         def apply(x: Tensor) -> Tensor:
@@ -2325,45 +2316,42 @@ def record_scores(losses: Tensor, pos: Tensor, now: Tensor, target_bytes: Tensor
         per_target.index_put_((pos[now],), kept[now], accumulate=True)
 
 
-def adapt_documents(model: GPT, val: dict, docs: np.ndarray, lora: DocumentLoRA, forward, args: Hyperparameters,
-                    use_autocast: bool, tally: dict, per_target: Tensor | None, adapt: bool,
-                    min_shape: tuple[int, int] = (1, 1)) -> None:
-    """One batch of documents, longest first, each with fresh adapters (lora, restarted): chunk i of every document
-    still running is scored in one forward (`forward`: model.token_losses, maybe compiled), each document in its own
-    window; then each document's adapters take one step on its mean loss over that chunk, unless it was its last.
-    The scored targets go to tally, and every update checks the targets its loss weights read against the targets
-    scored so far. Without `adapt`, the chunks are scored by the model alone, which is what fresh adapters compute,
-    and nothing trains. Every forward is at least min_shape (rows, positions); the extra ones are empty and score
-    nothing (a compiled forward compiles another graph for a dimension of 1, or a window within one FIR chunk)."""
+def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, Tensor], sizes: dict,
+                    args: Hyperparameters, use_autocast: bool, tally: dict, per_target: Tensor | None,
+                    adapt: bool) -> None:
+    """One batch of documents, longest first, each with fresh adapters (B = 0; A from a_init): chunk i of every
+    document still running is scored in one forward, each document in its own window; then each document's
+    adapters take one step on its mean loss over that chunk, unless it was its last. The scored targets go to
+    tally, and every update checks the targets its loss weights read against the targets scored so far. Without
+    `adapt`, the chunks are scored with no adapters, which is what fresh ones compute, and nothing trains."""
     tokens, target_bytes, scored = val["tokens"], val["target_bytes"], tally["scored"]
     device, chunk, seq_len = tokens.device, args.ttt_lora_chunk, args.eval_seq_len
     lengths = docs[:, 1] - docs[:, 0]
     num_chunks = -(-lengths // chunk)
-    padded = [np.pad(x, (0, max(0, min_shape[0] - len(docs)))) for x in (docs[:, 0], lengths)]  # empty documents
-    first_t, lengths_t = (torch.from_numpy(x).to(device) for x in padded)  # one copy a batch
+    first_t, lengths_t = (torch.from_numpy(x).to(device) for x in (docs[:, 0], lengths))  # one copy a batch
     if adapt:
-        lora.restart()
+        lora = DocumentLoRA({k: a[:len(docs)] for k, a in a_init.items()}, {k: o for k, (_, o) in sizes.items()},
+                            args.ttt_lora_rank)
         optimizer = torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, betas=LORA_BETAS, eps=1e-10,
-                                      weight_decay=args.ttt_lora_wd, fused=device.type == "cuda")
+                                      weight_decay=args.ttt_lora_wd)
     for i in range(int(num_chunks.max())):
         m = int((num_chunks > i).sum())  # the documents still being scored are the first m
-        rows = max(m, min_shape[0])
-        width = max(min_shape[1], int(min(seq_len, (i + 1) * chunk, lengths[0])))  # the longest window: no sync
-        ends = lengths_t[:rows].clamp(max=(i + 1) * chunk)
+        width = int(min(seq_len, (i + 1) * chunk, lengths[0]))  # the longest window, known on the host: no sync
+        ends = lengths_t[:m].clamp(max=(i + 1) * chunk)
         starts = (ends - seq_len).clamp(min=0)
         offsets = torch.arange(width, device=device)
-        pos = (first_t[:rows, None] + starts[:, None] + offsets).clamp(max=scored.numel() - 1)
+        pos = (first_t[:m, None] + starts[:, None] + offsets).clamp(max=scored.numel() - 1)
         inside = offsets < (ends - starts)[:, None]
         now = inside & (offsets >= (i * chunk - starts)[:, None])
         trains = (num_chunks[:m] > i + 1) & adapt  # never a document's last chunk
-        with torch.set_grad_enabled(adapt):  # one graph of the compiled forward, whether or not this chunk trains
+        with torch.set_grad_enabled(bool(trains.any())):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                ids, targets = tokens[pos] * inside, tokens[pos + 1] * inside
-                losses = forward(ids, targets, lora.sites) if adapt else model.token_losses(ids, targets)
+                losses = model.token_losses(tokens[pos] * inside, tokens[pos + 1] * inside,
+                                            lora.sites if adapt else None)
         record_scores(losses.detach(), pos, now, target_bytes, tally, per_target)
         if not trains.any():
             continue
-        weight = now * (lengths_t[:rows, None] > (i + 1) * chunk) / now.sum(dim=1, keepdim=True).clamp_min(1)
+        weight = now * (lengths_t[:m, None] > (i + 1) * chunk) / now.sum(dim=1, keepdim=True)
         tally["late"] += ((scored[pos] == 0) & (weight > 0)).any()  # what this update reads, against what is scored
         (losses * weight).sum().backward()
         optimizer.step()
@@ -2423,35 +2411,8 @@ def plan_lora(docs: np.ndarray, args: Hyperparameters, rank: int,
     return prefix, count, plans
 
 
-def compiled_lora_forward(model: GPT) -> Callable:
-    """model.token_losses for the LoRA pass, compiled: eager, a chunk step of the default model dispatches ~4,000
-    operators one at a time from the host. Its shapes change from step to step, so they are dynamic."""
-    return torch.compile(model.token_losses, dynamic=True, fullgraph=True)
-
-
-def warm_up_lora(forward, lora: DocumentLoRA, args: Hyperparameters, vocab_size: int, use_autocast: bool) -> float:
-    """Compile the adapting forward and backward before the pass, on random tokens (no validation data): a whole
-    batch at a first chunk's width and at a full window's. The adapters then start afresh. Returns its seconds."""
-    device = lora.b[next(iter(lora.b))].device
-    t0 = time.perf_counter()
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, fused=device.type == "cuda")
-    for width in (args.ttt_lora_chunk, args.eval_seq_len):
-        ids, targets = (torch.randint(vocab_size, (args.ttt_lora_docs, max(2, width)), generator=generator).to(device)
-                        for _ in range(2))  # two tensors, as the pass has: views of one would guard on their base
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            forward(ids, targets, lora.sites).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    lora.restart()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
-
-
 def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world_size: int, use_autocast: bool,
-                  per_target: Tensor | None = None, deadline: float = math.inf,
-                  forward: Callable | None = None) -> tuple[float, float, int, dict]:
+                  per_target: Tensor | None = None, deadline: float = math.inf) -> tuple[float, float, int, dict]:
     """TTT_MODE=lora: per-document LoRA test-time training over the frozen dequantized artifact. Documents go
     TTT_LORA_DOCS at a time, longest first, to the ranks (balanced by cost; no rank sees another's updates). Each
     is scored in order in chunks of TTT_LORA_CHUNK targets with its own context only, and its adapters train on
@@ -2459,9 +2420,8 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     the stream's first documents are scored first, then every weight trains on them (global_phase) and the rest
     are scored with the result: no score depends on a later token. A batch adapts only if its rank can still do
     all its remaining work by `deadline` (time.perf_counter; adapt_in_time), so that the evaluation keeps its time
-    limit; one that cannot is scored without adapters (a later, cheaper one may adapt again). `forward`:
-    model.token_losses compiled with dynamic shapes, warmed up first (warm_up_lora); eager without it. Returns
-    (val_loss, val_bpb, targets, facts)."""
+    limit; one that cannot is scored without adapters (a later, cheaper one may adapt again). Returns (val_loss,
+    val_bpb, targets, facts)."""
     tokens, device = val["tokens"], val["tokens"].device
     docs = find_documents(tokens, model.bos_id)
     prefix, batches, plans = plan_lora(docs, args, rank, world_size)
@@ -2469,7 +2429,6 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     generator = torch.Generator().manual_seed(args.seed)  # every document's A starts the same: batches don't matter
     template = {k: torch.empty(args.ttt_lora_rank, n).uniform_(-n ** -0.5, n ** -0.5, generator=generator)
                 .to(device).expand(args.ttt_lora_docs, -1, -1) for k, (n, _) in sizes.items()}
-    lora = DocumentLoRA(template, {k: out for k, (_, out) in sizes.items()}, args.ttt_lora_rank)
     tally = {"sums": torch.zeros(3, dtype=torch.float64, device=device),
              "late": torch.zeros((), dtype=torch.int64, device=device),
              "scored": torch.zeros(tokens.numel() - 1, dtype=torch.uint8, device=device), "updates": 0,
@@ -2482,10 +2441,6 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     unadapted = 0
     for p in model.parameters():
         p.requires_grad_(False)
-    min_shape, compile_s = (1, 1), 0.0
-    if forward is not None:
-        compile_s = warm_up_lora(forward, lora, args, model.tok_emb.num_embeddings, use_autocast)
-        min_shape = (min(2, args.ttt_lora_docs), max(2, args.ttt_lora_chunk))
     phase = None
     for g, plan in enumerate(plans):
         if g and prefix:
@@ -2495,8 +2450,7 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
             rest -= cost
             adapt = adapt_in_time(time.perf_counter(), deadline, pace, cost, rest)
             t0 = time.perf_counter()
-            adapt_documents(model, val, docs[batch], lora, forward or model.token_losses, args, use_autocast, tally,
-                            per_target, adapt, min_shape)
+            adapt_documents(model, val, docs[batch], template, sizes, args, use_autocast, tally, per_target, adapt)
             if device.type == "cuda":  # the pace is the GPU's, not how far the host ran ahead of it
                 torch.cuda.synchronize(device)
             pace[adapt][0] += time.perf_counter() - t0
@@ -2518,7 +2472,7 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
                       f"adapters every batch", "documents": len(docs), "batches": batches,
              "optimizer": "adam", "lr": args.ttt_lora_lr, "weight_decay": args.ttt_lora_wd,
              "updates": updates, "document_updates": document_updates, "updates_on_unscored_targets": late,
-             "documents_not_adapted": unadapted, "compiled": forward is not None, "compile_seconds": compile_s,
+             "documents_not_adapted": unadapted,
              "score_first": late == 0, "phase": phase and dict(documents=prefix, targets=phase["targets"],
                                                                chunks=phase["chunks"], lr=phase["lr"])}
     return loss, bpb, count, facts
@@ -2577,16 +2531,13 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
                {"method": "each document alone, no adaptation"})
         sync(place)  # last: it changes the weights, and nothing reads them afterwards
         t0 = time.perf_counter()
-        forward = compiled_lora_forward(model) if place.cuda and args.compile else None
-        *scores, facts = evaluate_lora(model, val, args, place.rank, place.world_size, place.cuda, deadline=deadline,
-                                       forward=forward)
+        *scores, facts = evaluate_lora(model, val, args, place.rank, place.world_size, place.cuda, deadline=deadline)
         phase = facts["phase"]
         log(f"ttt: {facts['adapted']} (adam lr {args.ttt_lora_lr:g} weight decay {args.ttt_lora_wd:g}) over the "
             f"frozen dequantized artifact: {facts['documents']} documents, {facts['order']}; "
             + (f"then every weight on the first {phase['documents']} documents, scored by then ({phase['chunks']} "
                f"SGD chunks, lr {phase['lr']:g}); " if phase else "no global phase; ")
             + f"{facts['updates']} updates; "
-            + (f"compiled in {facts['compile_seconds']:.1f} s on random tokens; " if facts["compiled"] else "")
             + (f"{facts['documents_not_adapted']} documents scored without adapting, aiming to end the evaluation "
                f"inside {EVAL_LIMIT_SECONDS:g} s; " if facts["documents_not_adapted"] else "")
             + "updates reading targets not yet scored: "

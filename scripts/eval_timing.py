@@ -82,17 +82,14 @@ def main(tg, options: argparse.Namespace) -> int:
         share = official / options.world
 
         def timed(label: str, run) -> None:
-            """Time one pass; a compilation it reports (the LoRA pass's warm-up) is projected as a fixed cost."""
             tg.sync(place)
             t0 = time.perf_counter()
-            loss, bpb, count, *facts = run()
+            loss, bpb, count = run()[:3]
             tg.sync(place)
             seconds = time.perf_counter() - t0
-            fixed = facts[0].get("compile_seconds", 0.0) if facts else 0.0
-            log(f"eval_timing {label}: {count} targets in {seconds:.1f}s ({count / (seconds - fixed):.0f} targets/s"
-                + (f" after {fixed:.1f}s of compilation" if fixed else "") + f"; val_bpb {bpb:.4f} on re-cut "
-                f"documents) -> {fixed + share * (seconds - fixed) / count:.0f}s for 1/{options.world} of the "
-                f"official split")
+            log(f"eval_timing {label}: {count} targets in {seconds:.1f}s ({count / seconds:.0f} targets/s; "
+                f"val_bpb {bpb:.4f} on re-cut documents) -> {share * seconds / count:.0f}s for 1/{options.world} of "
+                f"the official split")
 
         timed("compile_and_roundtrip", lambda: tg.evaluate(token_losses, val, args.eval_seq_len, args.eval_seq_len,
                                                             tg.EVAL_BATCH_SEQS, 0, 1, place.device, place.cuda))
@@ -107,15 +104,13 @@ def main(tg, options: argparse.Namespace) -> int:
             updates, positions = lora_work(tg, tokens, sp.bos_id(), args)
             log(f"eval_timing ttt_lora plan: {updates} updates, {positions} positions forward "
                 f"({positions / targets:.1f} a target)")
-            forward = tg.compiled_lora_forward(model) if place.cuda and args.compile else None
             if not options.profile:
-                timed("ttt_lora", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda, forward=forward))
+                timed("ttt_lora", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda))
                 return 0
             kinds = [torch.profiler.ProfilerActivity.CPU]
             kinds += [torch.profiler.ProfilerActivity.CUDA] if place.cuda else []
             with torch.profiler.profile(activities=kinds) as profile:
-                timed("ttt_lora (profiled)", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda,
-                                                                      forward=forward))
+                timed("ttt_lora (profiled)", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda))
             order = "self_cuda_time_total" if place.cuda else "self_cpu_time_total"
             log(profile.key_averages().table(sort_by=order, row_limit=30))
     except BaseException as error:

@@ -333,35 +333,6 @@ def test_an_evaluation_context_longer_than_training():
     assert count == 599 and (per_target > 0).all() and facts["score_first"] is True and math.isfinite(loss)
 
 
-@pytest.mark.parametrize("chunk", ["8", "12"])  # a chunk within the tiny model's 8 FIR taps, and one across them
-def test_the_compiled_pass_compiles_only_before_it_starts(monkeypatch, chunk):
-    """The LoRA pass with a compiled forward (dynamo alone here: the graphs and their guards are what the GPU's
-    compiler gets) scores every target as the eager pass does, global phase, a batch of one document and a one-target
-    document included, and compiles nothing after its warm-up: a graph compiled mid-pass would cost its seconds."""
-    args = tiny_args(**dict(LORA_ENV, TTT_LORA_CHUNK=chunk))
-    tokens = doc_stream()
-    eager = torch.zeros(599, dtype=torch.float64)
-    expected = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False, eager)
-    torch._dynamo.reset()
-    graphs = torch._dynamo.utils.counters["stats"]
-    warm_up, after_warm_up = tg.warm_up_lora, []
-
-    def counted(*a, **k):
-        seconds = warm_up(*a, **k)
-        after_warm_up.append(graphs["unique_graphs"])
-        return seconds
-
-    monkeypatch.setattr(tg, "warm_up_lora", counted)
-    model = tiny_model(args)
-    forward = torch.compile(model.token_losses, dynamic=True, fullgraph=True, backend="eager")
-    compiled = torch.zeros(599, dtype=torch.float64)
-    *scores, facts = tg.evaluate_lora(model, val_of(tokens), args, 0, 1, False, compiled, forward=forward)
-    assert facts["compiled"] is True and facts["phase"] and after_warm_up[0] >= 1
-    assert graphs["unique_graphs"] == after_warm_up[0]
-    assert tuple(scores) == expected[:3] and torch.equal(compiled, eager)
-    assert facts["updates"] == expected[3]["updates"]
-
-
 TWO_RANKS = r'''
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
