@@ -1925,12 +1925,19 @@ def serialize_artifact(artifact: dict) -> bytes:
                     [c.blob for c in artifact["tensors"].values()])
 
 
-def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: list[int]) -> Tensor:
-    """A tensor of exactly this shape from exactly its bytes (ValueError otherwise)."""
-    count = math.prod(shape)
-    if len(data) != count * torch.empty((), dtype=dtype).element_size():
-        raise ValueError(f"{len(data)} bytes for a {dtype} tensor of shape {shape}")
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if count else torch.empty(shape, dtype=dtype)
+def tensors_from_bytes(data: bytes, specs: list[tuple[torch.dtype, list[int]]]) -> list[Tensor]:
+    """Consecutive tensors of exactly these dtypes and shapes that use up exactly these bytes (ValueError otherwise)."""
+    out, at = [], 0
+    for dtype, shape in specs:
+        size = math.prod(shape) * dtype.itemsize
+        if at + size > len(data):
+            raise ValueError(f"{len(data) - at} bytes for a {dtype} tensor of shape {shape}")
+        out.append(torch.frombuffer(bytearray(data[at:at + size]), dtype=dtype).reshape(shape) if size
+                   else torch.empty(shape, dtype=dtype))
+        at += size
+    if at != len(data):
+        raise ValueError(f"{len(data) - at} bytes left over")
+    return out
 
 
 def deserialize_artifact(blob: bytes, source: str = "artifact") -> dict:
@@ -1949,38 +1956,23 @@ def deserialize_artifact(blob: bytes, source: str = "artifact") -> dict:
         if not isinstance(config, dict) or not all(isinstance(v, str) for v in config.values()):
             raise ValueError("the configuration is not a table of strings")
         at += size
-        raw = unpack(at, header["passthrough_bytes"])
+        dtypes = {"float16": torch.float16, "float32": torch.float32}
+        entries = header["passthrough"]
+        values = tensors_from_bytes(unpack(at, header["passthrough_bytes"]),
+                                    [(dtypes[e["dtype"]], e["shape"]) for e in entries])
+        passthrough = {e["name"]: t for e, t in zip(entries, values)}
         at += header["passthrough_bytes"]
-        passthrough, offset = {}, 0
-        for entry in header["passthrough"]:
-            dtype = {"float16": torch.float16, "float32": torch.float32}[entry["dtype"]]
-            size = math.prod(entry["shape"]) * dtype.itemsize
-            passthrough[entry["name"]] = tensor_from_bytes(raw[offset:offset + size], dtype, entry["shape"])
-            offset += size
         tensors = {}
         for entry in header["tensors"]:
-            grid_bytes, extra = entry["bytes"] - entry["lowrank_bytes"], entry["lowrank_bytes"]
-            data = unpack(at, grid_bytes)
-            (rows, cols), count, r = entry["shape"], math.prod(entry["shape"]), entry["rank"]
-            q = tensor_from_bytes(data[:count], torch.int8, entry["shape"])
-            scale = tensor_from_bytes(data[count:], torch.float16, [rows])
-            lowrank = None
-            if r:
-                data, parts = unpack(at + grid_bytes, extra), []
-                for dtype, shape in ((torch.int8, [rows, r]), (torch.float16, [r]), (torch.int8, [r, cols]),
-                                     (torch.float16, [r])):
-                    size = math.prod(shape) * dtype.itemsize
-                    parts.append(tensor_from_bytes(data[:size], dtype, shape))
-                    data = data[size:]
-                if data:
-                    raise ValueError(f"{len(data)} bytes left over in the LQER factors of {entry['name']}")
-                lowrank = tuple(parts)
-            elif extra:
-                raise ValueError(f"LQER bytes without a rank for {entry['name']}")
-            tensors[entry["name"]] = QuantCandidate(int(entry["bits"]), q, scale, math.nan, lowrank)
+            (rows, cols), r, extra = entry["shape"], entry["rank"], entry["lowrank_bytes"]
+            q, scale = tensors_from_bytes(unpack(at, entry["bytes"] - extra),
+                                          [(torch.int8, [rows, cols]), (torch.float16, [rows])])
+            lowrank = tuple(tensors_from_bytes(unpack(at + entry["bytes"] - extra, extra) if r or extra else b"", [
+                (torch.int8, [rows, r]), (torch.float16, [r]), (torch.int8, [r, cols]), (torch.float16, [r])]))
+            tensors[entry["name"]] = QuantCandidate(int(entry["bits"]), q, scale, math.nan, lowrank if r else None)
             tensors[entry["name"]].lowrank_bytes = extra
             at += entry["bytes"]
-        if at != len(blob) or offset != len(raw):
+        if at != len(blob):
             raise ValueError(f"{len(blob) - at} bytes left over")
     except Exception as e:  # lzma, JSON and layout errors all mean the same thing to the user
         raise ValueError(f"{source} is not an artifact of this script ({type(e).__name__}: {e})") from None
@@ -2060,20 +2052,6 @@ def save_checkpoint(model: GPT, stats: dict, args: Hyperparameters, facts: dict,
     if place.master:
         log(f"checkpoint:{path} bytes:{path.stat().st_size}"
             + "".join(f" (the earlier one is kept as {aside})" for _, aside in moved))
-
-
-def load_checkpoint(path: str) -> dict:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path}: no such file") from None
-    except Exception as e:  # torch's advice to load untrusted pickles is no way out here: it is not passed on
-        first = (str(e).strip().splitlines() or [""])[0]
-        why = type(e).__name__ if not first or "eights only" in first else f"{type(e).__name__}: {first}"
-        raise ValueError(f"checkpoint {path} is not a checkpoint of this script (torch.load: {why})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint")
-    return checkpoint
 
 
 def export_artifact(model: GPT, stats: dict, args: Hyperparameters, code: bytes, place: Place, log: RunLog) -> bytes:

@@ -43,6 +43,21 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_checkpoint(tg, path: Path) -> dict:
+    """A checkpoint that tg (train_gpt.py) wrote to CHECKPOINT_PATH, or an error that names the file."""
+    try:
+        checkpoint = tg.torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path}: no such file") from None
+    except Exception as e:  # torch's advice to load untrusted pickles is no way out here: it is not passed on
+        first = (str(e).strip().splitlines() or [""])[0]
+        why = type(e).__name__ if not first or "eights only" in first else f"{type(e).__name__}: {first}"
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this script (torch.load: {why})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != tg.CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a {tg.CHECKPOINT_FORMAT} checkpoint")
+    return checkpoint
+
+
 def main(tg, options: argparse.Namespace) -> int:
     """train_gpt.main() from the model on, with the saved weights in place of training."""
     code = options.script.read_bytes()
@@ -54,7 +69,7 @@ def main(tg, options: argparse.Namespace) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"--{'artifact' if options.artifact else 'checkpoint'} {path}: no such file")
         blob = path.read_bytes() if options.artifact else b""
-        source = tg.deserialize_artifact(blob, f"--artifact {path}") if options.artifact else tg.load_checkpoint(path)
+        source = tg.deserialize_artifact(blob, f"--artifact {path}") if options.artifact else load_checkpoint(tg, path)
         env = dict(os.environ, RUN_ID=log.run_id)
         overridden = [f"{k}={v} (not {env[k]})" for k, v in source["config"].items() if k in env and env[k] != v]
         args = tg.Hyperparameters(env={**env, **source["config"]})

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_gpt as tg  # noqa: E402
+from evaluate import load_checkpoint  # noqa: E402
 
 
 def kernel_report(model: tg.GPT, length: int) -> list[str]:
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--length", type=int, default=2048, help="lags to report (the training sequence length)")
     options = parser.parse_args()
-    checkpoint = tg.load_checkpoint(str(options.checkpoint))
+    checkpoint = load_checkpoint(tg, options.checkpoint)
     model = tg.GPT(tg.Hyperparameters(env=checkpoint["config"]))
     model.load_state_dict(checkpoint["state"])
     print("\n".join(kernel_report(model, options.length)) or "no S4D layer in this checkpoint")
