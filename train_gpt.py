@@ -1930,7 +1930,7 @@ def tensors_from_bytes(data: bytes, specs: list[tuple[torch.dtype, list[int]]]) 
     out, at = [], 0
     for dtype, shape in specs:
         size = math.prod(shape) * dtype.itemsize
-        if at + size > len(data):
+        if min(shape, default=0) < 0 or at + size > len(data):
             raise ValueError(f"{len(data) - at} bytes for a {dtype} tensor of shape {shape}")
         out.append(torch.frombuffer(bytearray(data[at:at + size]), dtype=dtype).reshape(shape) if size
                    else torch.empty(shape, dtype=dtype))

@@ -579,6 +579,17 @@ def test_deserialize_rejects_non_artifacts(trained):
             tg.deserialize_artifact(bad, "model.ptz")
 
 
+def test_tensors_from_bytes_takes_exactly_its_bytes():
+    data = torch.arange(6, dtype=torch.int8).numpy().tobytes() + torch.ones(2, dtype=torch.float16).numpy().tobytes()
+    q, scale = tg.tensors_from_bytes(data, [(torch.int8, [2, 3]), (torch.float16, [2])])
+    assert q.tolist() == [[0, 1, 2], [3, 4, 5]] and scale.tolist() == [1.0, 1.0]
+    assert tg.tensors_from_bytes(b"", [(torch.int8, [0, 4])])[0].shape == (0, 4)
+    for specs in ([(torch.int8, [2, 3])], [(torch.int8, [2, 3]), (torch.float16, [3])], [(torch.int8, [-2, 5])],
+                  [(torch.int8, [-2, -5])]):
+        with pytest.raises(ValueError, match="left over|bytes for a"):
+            tg.tensors_from_bytes(data, specs)
+
+
 def test_an_empty_tensor_survives_the_artifact():
     """One layer leaves the U-Net no skip connection: a (0, dim) parameter, which must round-trip too."""
     args = tiny_args(NUM_LAYERS=1, SSM_LAYERS="", QUANT_UNIFORM_BITS=5)
