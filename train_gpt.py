@@ -205,7 +205,7 @@ class Hyperparameters:
         self.ttt_chunk_tokens = self._int("TTT_CHUNK_TOKENS", 32_768, lo=1)  # the global phase's SGD chunks
         # As the records ran it: rank 80 (#1855), Adam lr 8e-5 and weight decay 2.0 (#2135), 48-target chunks
         # (#1586 on), 64 documents a batch (#1530), no Q/K/V adapters (#1953, #2135), one global SGD phase after
-        # ~20% of the stream (#2135). Its time on 8xH100 and the official split: logs/README.md, v14.
+        # ~20% of the stream (#2135). Its time on documents as long as FineWeb's: logs/README.md, v15 and v16.
         self.ttt_lora_rank = self._int("TTT_LORA_RANK", 80, lo=1)
         self.ttt_lora_lr = self._float("TTT_LORA_LR", 8e-5, lo=0.0)
         self.ttt_lora_wd = self._float("TTT_LORA_WD", 2.0, lo=0.0)
@@ -2245,8 +2245,9 @@ def evaluate_documents(token_losses, val: dict, args: Hyperparameters, bos_id: i
     return finish_scores(sums, num_targets, world_size, per_target)
 
 
-# What one chunk step of the LoRA pass costs beyond the positions it runs, in positions: its fixed part (not yet
-# profiled). Fitted to two passes on one H100 (logs/README.md, v15): 112 ms a step at 18K positions, 189 ms at 55K.
+# What one chunk step of the LoRA pass costs beyond the positions it runs, in positions: its fixed part, likely the
+# ~4,000 operators an eager step dispatches one by one (logs/README.md, v16). Fitted to two passes on one H100 (v15):
+# 112 ms a step at 18K positions, 189 ms at 55K.
 LORA_STEP_POSITIONS = 36_000
 TTT_DEADLINE_MARGIN_SECONDS = 30.0  # kept for what the evaluation does after the LoRA pass, and for misforecasts
 
