@@ -1965,11 +1965,13 @@ def deserialize_artifact(blob: bytes, source: str = "artifact") -> dict:
         tensors = {}
         for entry in header["tensors"]:
             (rows, cols), r, extra = entry["shape"], entry["rank"], entry["lowrank_bytes"]
+            if type(r) is not int or (r == 0) != (extra == 0):
+                raise ValueError(f"{entry['name']} has LQER rank {r!r} and {extra} bytes of LQER factors")
             q, scale = tensors_from_bytes(unpack(at, entry["bytes"] - extra),
                                           [(torch.int8, [rows, cols]), (torch.float16, [rows])])
-            lowrank = tuple(tensors_from_bytes(unpack(at + entry["bytes"] - extra, extra) if r or extra else b"", [
-                (torch.int8, [rows, r]), (torch.float16, [r]), (torch.int8, [r, cols]), (torch.float16, [r])]))
-            tensors[entry["name"]] = QuantCandidate(int(entry["bits"]), q, scale, math.nan, lowrank if r else None)
+            factors = [(torch.int8, [rows, r]), (torch.float16, [r]), (torch.int8, [r, cols]), (torch.float16, [r])]
+            lowrank = tuple(tensors_from_bytes(unpack(at + entry["bytes"] - extra, extra), factors)) if r else None
+            tensors[entry["name"]] = QuantCandidate(int(entry["bits"]), q, scale, math.nan, lowrank)
             tensors[entry["name"]].lowrank_bytes = extra
             at += entry["bytes"]
         if at != len(blob):

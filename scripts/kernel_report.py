@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 import train_gpt as tg  # noqa: E402
-from evaluate import load_checkpoint  # noqa: E402
+from evaluate import load_checkpoint  # noqa: E402  (scripts/evaluate.py, first on the path)
 
 
 def kernel_report(model: tg.GPT, length: int) -> list[str]:

@@ -4,6 +4,7 @@ the artifact round trip at every width, and the size rule."""
 
 from __future__ import annotations
 
+import lzma
 import math
 import random
 
@@ -565,16 +566,22 @@ def test_more_bits_round_trip_closer(trained):
 
 def test_deserialize_rejects_non_artifacts(trained):
     args, model, stats, _ = trained
-    blob = tg.serialize_artifact(tg.quantize_model(model, stats, tiny_args(QUANT_UNIFORM_BITS=5), 0, CPU)[0])
-    artifact = tg.deserialize_artifact(blob)
+    artifact = tg.quantize_model(model, stats, tiny_args(QUANT_UNIFORM_BITS=5), 0, CPU)[0]  # blobs included
+    blob = tg.serialize_artifact(artifact)
+    tg.deserialize_artifact(blob)
     name = next(iter(artifact["tensors"]))
     short_scales = dict(artifact, tensors=dict(artifact["tensors"]))
     c = artifact["tensors"][name]
     short_scales["tensors"][name] = tg.QuantCandidate(c.bits, c.q, c.scale[:2], 0.0)
     short_scales["tensors"][name].blob = tg.encode_quantized(c.q, c.scale[:2])
+    factors_without_rank = dict(artifact, tensors=dict(artifact["tensors"]))  # LQER bytes (empty ones) at rank 0
+    forged = factors_without_rank["tensors"][name] = tg.QuantCandidate(c.bits, c.q, c.scale, 0.0)
+    empty = lzma.compress(b"", format=lzma.FORMAT_RAW, filters=tg.LZMA_FILTERS)
+    forged.blob, forged.lowrank_bytes = tg.encode_quantized(c.q, c.scale) + empty, len(empty)
     for bad in (b"definitely not an artifact", blob[:-1], blob + b"\0", blob[:20] + bytes(10) + blob[30:],
                 tg.ARTIFACT_MAGIC + blob[len(tg.ARTIFACT_MAGIC) + 1:], tg.serialize_artifact(short_scales),
-                tg.serialize_artifact(dict(artifact, config={"NUM_LAYERS": 4}))):
+                tg.serialize_artifact(dict(artifact, config={"NUM_LAYERS": 4})),
+                tg.serialize_artifact(factors_without_rank)):
         with pytest.raises(ValueError, match="model.ptz is not an artifact"):
             tg.deserialize_artifact(bad, "model.ptz")
 
