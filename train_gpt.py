@@ -601,17 +601,6 @@ def load_data_shard(path: str | Path) -> Tensor:
     return torch.from_numpy(tokens.astype(np.int32))
 
 
-def write_data_shard(path: str | Path, tokens: np.ndarray) -> None:
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
-        raise ValueError(f"token ids must fit in uint16 to be written to {path}")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
-    with open(path, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
-
-
 def check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:
     top = int(tokens.max())
     if top >= vocab_size:

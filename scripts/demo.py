@@ -37,6 +37,18 @@ DEMO_KNOBS = {
 }
 
 
+def write_data_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """A shard in the official format (train_gpt.read_shard_header reads it)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
+        raise ValueError(f"token ids must fit in uint16 to be written to {path}")
+    header = np.zeros(tg.SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, len(tokens))
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+
+
 def make_demo_text(num_docs: int, seed: int) -> list[str]:
     """Documents in a toy English with agreement, arithmetic and recurring names, so a model has things to learn."""
     rng = random.Random(seed)
@@ -85,7 +97,7 @@ def make_demo_data(directory: str | Path, vocab_size: int = 512) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(model_path))
     for split, docs in (("train", train_docs), ("val", val_docs)):
         ids = [tok for doc in sp.encode(docs) for tok in [sp.bos_id()] + doc]
-        tg.write_data_shard(out / f"fineweb_{split}_000000.bin", np.asarray(ids, dtype=np.uint16))
+        write_data_shard(out / f"fineweb_{split}_000000.bin", np.asarray(ids, dtype=np.uint16))
 
 
 def demo_environment(data_dir: Path, environ: dict[str, str]) -> dict[str, str]:

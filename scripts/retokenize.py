@@ -15,8 +15,9 @@ import sys
 import numpy as np
 import sentencepiece as spm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
 import train_gpt as tg  # noqa: E402
+from demo import write_data_shard  # noqa: E402  (scripts/demo.py, first on the path)
 
 _src = _dst = None
 
@@ -51,7 +52,7 @@ def main() -> None:
     out = np.fromiter((t for batch in encoded for doc in batch for t in [bos] + doc), dtype=np.int64)
     os.makedirs(a.dst_dir, exist_ok=True)
     for i in range(0, len(out), a.shard_tokens):
-        tg.write_data_shard(os.path.join(a.dst_dir, f"fineweb_{a.split}_{i // a.shard_tokens:06d}.bin"),
+        write_data_shard(os.path.join(a.dst_dir, f"fineweb_{a.split}_{i // a.shard_tokens:06d}.bin"),
                             out[i:i + a.shard_tokens])
     print(f"{a.split}: {len(files)} shards, {len(stream)} tokens, {len(docs)} documents -> {len(out)} tokens "
           f"in {-(-len(out) // a.shard_tokens)} shards under {a.dst_dir}")

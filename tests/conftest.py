@@ -114,5 +114,5 @@ def demo_data_dir(tmp_path_factory) -> Path:
 
 
 def shard(path: Path, tokens) -> Path:
-    tg.write_data_shard(path, np.asarray(tokens, dtype=np.uint16))
+    demo.write_data_shard(path, np.asarray(tokens, dtype=np.uint16))
     return path

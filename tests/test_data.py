@@ -11,6 +11,7 @@ import torch
 
 import train_gpt as tg
 from conftest import shard
+from scripts import demo
 
 
 def header_ints(magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=0) -> bytes:
@@ -27,7 +28,7 @@ def test_write_read_load_round_trip(tmp_path):
     tokens = rng.integers(0, 65536, size=1237).astype(np.uint16)
     tokens[:3] = (0, 65535, 1)  # the extremes of uint16 survive
     path = tmp_path / "fineweb_train_000000.bin"
-    tg.write_data_shard(path, tokens)
+    demo.write_data_shard(path, tokens)
 
     assert path.stat().st_size == tg.SHARD_HEADER_BYTES + 2 * len(tokens)
     raw_header = np.fromfile(path, dtype="<i4", count=3)
@@ -192,7 +193,7 @@ def test_distributed_loader_disjoint_spans_and_shift(tmp_path):
 def test_write_rejects_ids_outside_uint16(tmp_path):
     for bad in (np.array([1, 70000]), np.array([-1, 5])):
         with pytest.raises(ValueError, match="uint16"):
-            tg.write_data_shard(tmp_path / "fineweb_train_000000.bin", bad)
+            demo.write_data_shard(tmp_path / "fineweb_train_000000.bin", bad)
     assert not (tmp_path / "fineweb_train_000000.bin").exists()
 
 
