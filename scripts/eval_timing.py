@@ -7,8 +7,10 @@ tokens a document here) therefore says little about their time on FineWeb, whose
 documents in 40,540,160 targets at sp8192 (811 a document on average). This script re-cuts the validation tokens
 at hand into documents whose lengths follow a log-normal law of that mean (a BOS token replaces the token at each
 cut, and the most common token each BOS the tokens held), scores them with the artifact, and reports each pass's
-targets per second and its time for one GPU's share of the official split (1/--world of its targets). The
-projection assumes the per-target cost of the re-cut documents; their scores mean nothing.
+targets per second and its time for one GPU's share of the official split (1/--world of its targets). The LoRA pass
+is projected by its plan instead (train_gpt.plan_lora's cost on the busiest of --world GPUs over an official-size
+split cut the same way, against its cost here): its steps do not grow with the targets. The projections assume the
+re-cut documents' lengths; their scores mean nothing.
 
     python3 scripts/eval_timing.py --artifact final_model.ptz [--mean 811] [--sigma 1.0] [--targets N] [--profile]
 
@@ -31,15 +33,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import REPO, load_script  # noqa: E402
 
 
-def cut_documents(tokens: np.ndarray, bos_id: int, mean: float, sigma: float, seed: int) -> np.ndarray:
-    """The tokens with a BOS at position 0 and after every log-normal document length (mean `mean`, at least 2), and
-    the most common token in place of every BOS they held."""
+def cuts(n: int, mean: float, sigma: float, seed: int) -> np.ndarray:
+    """Where documents start in a stream of n tokens: 0, and after every log-normal length (mean `mean`, at least 2)."""
     rng = np.random.default_rng(seed)
-    lengths = np.maximum(2, rng.lognormal(np.log(mean) - sigma ** 2 / 2, sigma, size=len(tokens) // 2 + 1))
-    cuts = np.cumsum(np.concatenate(([0], lengths.astype(np.int64))))
+    lengths = np.maximum(2, rng.lognormal(np.log(mean) - sigma ** 2 / 2, sigma, size=n // 2 + 1))
+    at = np.cumsum(np.concatenate(([0], lengths.astype(np.int64))))
+    return at[at < n]
+
+
+def cut_documents(tokens: np.ndarray, bos_id: int, mean: float, sigma: float, seed: int) -> np.ndarray:
+    """The tokens with a BOS at every cut, and the most common token in place of every BOS they held."""
     out = np.where(tokens == bos_id, np.bincount(tokens).argmax(), tokens)
-    out[cuts[cuts < len(out)]] = bos_id
+    out[cuts(len(out), mean, sigma, seed)] = bos_id
     return out
+
+
+def split_documents(targets: int, mean: float, sigma: float, seed: int) -> np.ndarray:
+    """train_gpt.find_documents of a stream of `targets` targets cut as cut_documents cuts, without the tokens."""
+    starts = cuts(targets + 1, mean, sigma, seed)
+    starts = starts[starts < targets]
+    return np.stack((starts, np.append(starts[1:], targets)), axis=1)
+
+
+def lora_cost(tg, documents: np.ndarray, args, world: int) -> float:
+    """The LoRA pass's cost on the busiest of `world` GPUs, in train_gpt's unit (plan_lora: the positions run forward,
+    and LORA_STEP_POSITIONS a chunk step)."""
+    return max(sum(cost for plan in tg.plan_lora(documents, args, rank, world)[2] for _, cost in plan)
+               for rank in range(world))
 
 
 def lora_work(tg, tokens: np.ndarray, bos_id: int, args) -> tuple[int, int]:
@@ -81,15 +101,17 @@ def main(tg, options: argparse.Namespace) -> int:
         model.load_state_dict(tg.dequantize_state(artifact), strict=True)
         share = official / options.world
 
-        def timed(label: str, run) -> None:
+        def timed(label: str, run, scale: float = 0.0) -> None:
+            """Time one pass and project it: by `scale`, or else by its share of the official split's targets."""
             tg.sync(place)
             t0 = time.perf_counter()
             loss, bpb, count = run()[:3]
             tg.sync(place)
             seconds = time.perf_counter() - t0
             log(f"eval_timing {label}: {count} targets in {seconds:.1f}s ({count / seconds:.0f} targets/s; "
-                f"val_bpb {bpb:.4f} on re-cut documents) -> {share * seconds / count:.0f}s for 1/{options.world} of "
-                f"the official split")
+                f"val_bpb {bpb:.4f} on re-cut documents) -> {(scale or share / count) * seconds:.0f}s for "
+                + (f"the busiest of {options.world} GPUs on" if scale else f"1/{options.world} of")
+                + " the official split")
 
         timed("compile_and_roundtrip", lambda: tg.evaluate(token_losses, val, args.eval_seq_len, args.eval_seq_len,
                                                             tg.EVAL_BATCH_SEQS, 0, 1, place.device, place.cuda))
@@ -104,13 +126,20 @@ def main(tg, options: argparse.Namespace) -> int:
             updates, positions = lora_work(tg, tokens, sp.bos_id(), args)
             log(f"eval_timing ttt_lora plan: {updates} updates, {positions} positions forward "
                 f"({positions / targets:.1f} a target)")
+            # Its steps do not grow with the targets: a batch runs as many steps as its longest document has chunks,
+            # and a larger split batches documents of closer lengths. So its time scales by the plan's cost on an
+            # official-size split cut the same way, against the plan's cost here.
+            here = lora_cost(tg, tg.find_documents(val["tokens"], sp.bos_id()), args, 1)
+            there = lora_cost(tg, split_documents(official, mean, options.sigma, args.seed), args, options.world)
+            log(f"eval_timing ttt_lora cost: {here:.4g} here, {there:.4g} on the busiest of {options.world} GPUs on "
+                f"an official-size split cut the same way (x{there / here:.2f}; by targets: x{share / targets:.2f})")
             if not options.profile:
-                timed("ttt_lora", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda))
+                timed("ttt_lora", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda), there / here)
                 return 0
             kinds = [torch.profiler.ProfilerActivity.CPU]
             kinds += [torch.profiler.ProfilerActivity.CUDA] if place.cuda else []
             with torch.profiler.profile(activities=kinds) as profile:
-                timed("ttt_lora (profiled)", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda))
+                timed("ttt_lora (profiled)", lambda: tg.evaluate_lora(model, val, args, 0, 1, place.cuda), there / here)
             order = "self_cuda_time_total" if place.cuda else "self_cpu_time_total"
             log(profile.key_averages().table(sort_by=order, row_limit=30))
     except BaseException as error:

@@ -241,8 +241,11 @@ def test_eval_timing_times_every_pass_and_profiles_the_lora_pass(run, demo_data_
     head, log = (workdir / "logs" / "timing.txt").read_text(encoding="utf-8").split("=" * 100 + "\n", 1)
     assert "def cut_documents" in head and "def final_evaluation" in log.split("=" * 100)[0]
     for label in ("compile_and_roundtrip", "roundtrip", "sliding_window", "doc_isolated", "ttt_lora (profiled)"):
+        share = "the busiest of 8 GPUs on" if label.startswith("ttt_lora") else "1/8 of"  # by the plan, or by targets
         assert re.search(rf"^eval_timing {re.escape(label)}: 3000 targets in [0-9.]+s \(\d+ targets/s; .*-> \d+s for "
-                         r"1/8 of the official split$", log, re.M), label
+                         rf"{share} the official split$", log, re.M), label
+    assert re.search(r"^eval_timing ttt_lora cost: \S+ here, \S+ on the busiest of 8 GPUs on an official-size split "
+                     r"cut the same way \(x[0-9.]+; by targets: x[0-9.]+\)$", log, re.M)
     assert re.search(r"^eval_timing: 3000 targets re-cut into \d+ documents \(log-normal, mean 100,", log, re.M)
     assert re.search(r"^eval_timing ttt_lora plan: \d+ updates, \d+ positions forward", log, re.M)
     assert "Self CPU" in log and "aten::" in log  # the profile's table
