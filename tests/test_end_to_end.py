@@ -244,8 +244,20 @@ def test_eval_timing_times_every_pass_and_profiles_the_lora_pass(run, demo_data_
         share = "the busiest of 8 GPUs on" if label.startswith("ttt_lora") else "1/8 of"  # by the plan, or by targets
         assert re.search(rf"^eval_timing {re.escape(label)}: 3000 targets in [0-9.]+s \(\d+ targets/s; .*-> \d+s for "
                          rf"{share} the official split$", log, re.M), label
-    assert re.search(r"^eval_timing ttt_lora cost: \S+ here, \S+ on the busiest of 8 GPUs on an official-size split "
-                     r"cut the same way \(x[0-9.]+; by targets: x[0-9.]+\)$", log, re.M)
+    cost = re.search(r"^eval_timing ttt_lora cost: (\S+) here, (\S+) on the busiest of 8 GPUs on an official-size "
+                     r"split cut the same way \(x([0-9.]+); by targets: x[0-9.]+\)$", log, re.M)
+    # the official split's plan, priced here as the script should price it: 8 GPUs, the artifact's model, mean 100
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import eval_timing
+    config = tg.deserialize_artifact(run.artifact.read_bytes())["config"]
+    args = tg.Hyperparameters(env={**env, **config})
+    there = eval_timing.lora_cost(tg, eval_timing.split_documents(tg.OFFICIAL_VAL_TARGETS[8192], 100.0, 1.0,
+                                                                  args.seed), args, 8)
+    here, logged, factor = float(cost[1]), float(cost[2]), float(cost[3])
+    assert math.isclose(logged, there, rel_tol=1e-3) and math.isclose(factor, there / here, rel_tol=0.01)
+    timed = re.search(r"^eval_timing ttt_lora \(profiled\): 3000 targets in ([0-9.]+)s .*-> (\d+)s for", log, re.M)
+    seconds = float(timed[1])  # printed to 0.1 s, the factor to 0.01
+    assert abs(float(timed[2]) - factor * seconds) <= 0.5 + factor * 0.05 + 0.01 * factor * seconds
     assert re.search(r"^eval_timing: 3000 targets re-cut into \d+ documents \(log-normal, mean 100,", log, re.M)
     assert re.search(r"^eval_timing ttt_lora plan: \d+ updates, \d+ positions forward", log, re.M)
     assert "Self CPU" in log and "aten::" in log  # the profile's table

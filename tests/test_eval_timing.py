@@ -69,5 +69,7 @@ def test_the_lora_pass_costs_less_a_target_on_a_bigger_split():
     one = eval_timing.lora_cost(tg, small, args, 1)
     assert one == sum(cost for plan in tg.plan_lora(small, args, 0, 1)[2] for _, cost in plan)
     whole, busiest = eval_timing.lora_cost(tg, big, args, 1), eval_timing.lora_cost(tg, big, args, 8)
+    loads = [sum(cost for plan in tg.plan_lora(big, args, rank, 8)[2] for _, cost in plan) for rank in range(8)]
+    assert busiest == max(loads) and sum(loads) == whole  # the busiest rank's load; together, the whole plan
     assert whole / tg.OFFICIAL_VAL_TARGETS[8192] < 0.5 * one / 300_000
     assert whole / 8 <= busiest <= 1.1 * whole / 8
