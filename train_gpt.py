@@ -2363,9 +2363,10 @@ def global_phase(model: GPT, val: dict, end: int, scored: Tensor, args: Hyperpar
 
 
 def plan_lora(docs: np.ndarray, args: Hyperparameters, rank: int,
-              world_size: int) -> tuple[int, int, list[list[tuple[np.ndarray, float]]]]:
+              world_size: int) -> tuple[int, int, list[list[tuple[np.ndarray, float]]], float]:
     """(prefix: documents the global phase trains on, batches on all ranks, this rank's batches of the prefix and
-    of the rest, longest documents first, each with its cost in positions: batch_work, LORA_STEP_POSITIONS a step)."""
+    of the rest, longest documents first, each with its cost in positions: batch_work, LORA_STEP_POSITIONS a step;
+    the global phase's cost, priced as LoRA steps: one a chunk, over this rank's share of the chunk's positions)."""
     lengths = docs[:, 1] - docs[:, 0]
     # The phase follows the documents that start in the first TTT_PHASE_FRAC of the stream: a bound no token moves
     prefix = int(np.searchsorted(docs[:, 0], args.ttt_phase_frac * docs[-1, 1]))
@@ -2378,7 +2379,8 @@ def plan_lora(docs: np.ndarray, args: Hyperparameters, rank: int,
         costs = [float(positions + LORA_STEP_POSITIONS * steps)
                  for steps, positions in (batch_work(lengths[b], args) for b in batches)]
         plans.append([(batches[i], costs[i]) for i in balance(costs, world_size)[rank]])
-    return prefix, count, plans
+    phase_end = int(docs[prefix, 0]) if prefix else 0
+    return prefix, count, plans, -(-phase_end // args.ttt_chunk_tokens) * LORA_STEP_POSITIONS + phase_end / world_size
 
 
 def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world_size: int, use_autocast: bool,
@@ -2394,7 +2396,7 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     val_bpb, targets, facts)."""
     tokens, device = val["tokens"], val["tokens"].device
     docs = find_documents(tokens, model.bos_id)
-    prefix, batches, plans = plan_lora(docs, args, rank, world_size)
+    prefix, batches, plans, phase_cost = plan_lora(docs, args, rank, world_size)
     sizes = lora_sites(model, args.ttt_lora_targets)
     generator = torch.Generator().manual_seed(args.seed)  # every document's A starts the same: batches don't matter
     template = {k: torch.empty(args.ttt_lora_rank, n).uniform_(-n ** -0.5, n ** -0.5, generator=generator)
@@ -2404,8 +2406,6 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
              "scored": torch.zeros(tokens.numel() - 1, dtype=torch.uint8, device=device), "updates": 0,
              "document_updates": 0}
     phase_end = int(docs[prefix, 0]) if prefix else 0  # the global phase trains on the targets before it
-    # priced as LoRA steps: one a chunk, over this rank's share of the chunk's positions
-    phase_cost = -(-phase_end // args.ttt_chunk_tokens) * LORA_STEP_POSITIONS + phase_end / world_size
     rest = sum(cost for plan in plans for _, cost in plan) + phase_cost
     pace = {True: [0.0, 0.0], False: [0.0, 0.0]}  # adapting or not: seconds, cost
     unadapted = 0

@@ -56,17 +56,18 @@ def split_documents(targets: int, mean: float, sigma: float, seed: int) -> np.nd
 
 
 def lora_cost(tg, documents: np.ndarray, args, world: int) -> float:
-    """The LoRA pass's cost on the busiest of `world` GPUs, in train_gpt's unit (plan_lora: the positions run forward,
-    and LORA_STEP_POSITIONS a chunk step)."""
-    return max(sum(cost for plan in tg.plan_lora(documents, args, rank, world)[2] for _, cost in plan)
-               for rank in range(world))
+    """The LoRA pass's cost on the busiest of `world` GPUs, global phase included, in train_gpt's unit (plan_lora:
+    the positions run forward, and LORA_STEP_POSITIONS a chunk step)."""
+    def load(rank: int) -> float:
+        *_, plans, phase = tg.plan_lora(documents, args, rank, world)
+        return phase + sum(cost for plan in plans for _, cost in plan)
+    return max(load(rank) for rank in range(world))
 
 
-def lora_work(tg, tokens: np.ndarray, bos_id: int, args) -> tuple[int, int]:
-    """(updates, positions run forward) of TTT_MODE=lora's pass over these tokens on one GPU: train_gpt.plan_lora's
-    batches, each counted by train_gpt.batch_work. The positions per target, not the number of targets, set the
-    pass's time."""
-    docs = tg.find_documents(torch.from_numpy(tokens.astype(np.int64)), bos_id)
+def lora_work(tg, docs: np.ndarray, args) -> tuple[int, int]:
+    """(updates, positions run forward) of TTT_MODE=lora's pass over these documents (train_gpt.find_documents) on
+    one GPU: train_gpt.plan_lora's batches, each counted by train_gpt.batch_work. The positions per target, not the
+    number of targets, set the pass's time."""
     updates = positions = 0
     for plan in tg.plan_lora(docs, args, 0, 1)[2]:
         for batch, _ in plan:
@@ -123,13 +124,14 @@ def main(tg, options: argparse.Namespace) -> int:
         timed("doc_isolated", lambda: tg.evaluate_documents(token_losses, val, args, sp.bos_id(), 0, 1, place.device,
                                                             place.cuda))
         if args.ttt_mode == "lora":  # last: it changes the weights
-            updates, positions = lora_work(tg, tokens, sp.bos_id(), args)
+            docs = tg.find_documents(val["tokens"], sp.bos_id())
+            updates, positions = lora_work(tg, docs, args)
             log(f"eval_timing ttt_lora plan: {updates} updates, {positions} positions forward "
                 f"({positions / targets:.1f} a target)")
             # Its steps do not grow with the targets: a batch runs as many steps as its longest document has chunks,
             # and a larger split batches documents of closer lengths. So its time scales by the plan's cost on an
             # official-size split cut the same way, against the plan's cost here.
-            here = lora_cost(tg, tg.find_documents(val["tokens"], sp.bos_id()), args, 1)
+            here = lora_cost(tg, docs, args, 1)
             there = lora_cost(tg, split_documents(official, mean, options.sigma, args.seed), args, options.world)
             log(f"eval_timing ttt_lora cost: {here:.4g} here, {there:.4g} on the busiest of {options.world} GPUs on "
                 f"an official-size split cut the same way (x{there / here:.2f}; by targets: x{share / targets:.2f})")

@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import sentencepiece as spm
 
-sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "..")]
 import train_gpt as tg  # noqa: E402
 from demo import write_data_shard  # noqa: E402  (scripts/demo.py, first on the path)
 
