@@ -2392,8 +2392,8 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     the stream's first documents are scored first, then every weight trains on them (global_phase) and the rest
     are scored with the result: no score depends on a later token. A batch adapts only if its rank can still do
     all its remaining work by `deadline` (time.perf_counter; adapt_in_time), so that the evaluation keeps its time
-    limit; one that cannot is scored without adapters (a later, cheaper one may adapt again). Returns (val_loss,
-    val_bpb, targets, facts)."""
+    limit; one that cannot is scored without adapters (a later, cheaper one may adapt again), and the global phase
+    runs only if every rank can still run it and then score the rest. Returns (val_loss, val_bpb, targets, facts)."""
     tokens, device = val["tokens"], val["tokens"].device
     docs = find_documents(tokens, model.bos_id)
     prefix, batches, plans, phase_cost = plan_lora(docs, args, rank, world_size)
@@ -2413,9 +2413,13 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
         p.requires_grad_(False)
     phase = None
     for g, plan in enumerate(plans):
-        if g and prefix:
-            phase = global_phase(model, val, phase_end, tally["scored"], args, rank, world_size, use_autocast)
+        if g and prefix:  # the phase too must leave time to score the rest, on every rank: it is collective
             rest -= phase_cost
+            go = torch.tensor(int(adapt_in_time(time.perf_counter(), deadline, pace, phase_cost, rest)), device=device)
+            if world_size > 1:
+                dist.all_reduce(go, op=dist.ReduceOp.MIN)
+            phase = global_phase(model, val, phase_end, tally["scored"], args, rank, world_size,
+                                 use_autocast) if go.item() else None
         for batch, cost in plan:
             rest -= cost
             adapt = adapt_in_time(time.perf_counter(), deadline, pace, cost, rest)
@@ -2442,7 +2446,7 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
                       f"adapters every batch", "documents": len(docs), "batches": batches,
              "optimizer": "adam", "lr": args.ttt_lora_lr, "weight_decay": args.ttt_lora_wd,
              "updates": updates, "document_updates": document_updates, "updates_on_unscored_targets": late,
-             "documents_not_adapted": unadapted,
+             "documents_not_adapted": unadapted, "phase_skipped": bool(prefix) and phase is None,
              "score_first": late == 0, "phase": phase and dict(documents=prefix, targets=phase["targets"],
                                                                chunks=phase["chunks"], lr=phase["lr"])}
     return loss, bpb, count, facts
@@ -2506,7 +2510,8 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
         log(f"ttt: {facts['adapted']} (adam lr {args.ttt_lora_lr:g} weight decay {args.ttt_lora_wd:g}) over the "
             f"frozen dequantized artifact: {facts['documents']} documents, {facts['order']}; "
             + (f"then every weight on the first {phase['documents']} documents, scored by then ({phase['chunks']} "
-               f"SGD chunks, lr {phase['lr']:g}); " if phase else "no global phase; ")
+               f"SGD chunks, lr {phase['lr']:g}); " if phase else "no global phase; "
+               if not facts["phase_skipped"] else "the global phase skipped, too late to end in time; ")
             + f"{facts['updates']} updates; "
             + (f"{facts['documents_not_adapted']} documents scored without adapting, aiming to end the evaluation "
                f"inside {EVAL_LIMIT_SECONDS:g} s; " if facts["documents_not_adapted"] else "")

@@ -182,34 +182,33 @@ def test_without_learning_rate_it_is_the_document_isolated_pass():
     assert (loss, bpb, count) == pytest.approx(ref, abs=1e-6)
 
 
-def test_past_the_deadline_no_batch_adapts_and_it_is_the_document_isolated_pass():
-    """A deadline already passed leaves the pass what fresh adapters compute, without building them: every target
-    scored once, as the document-isolated pass scores it (no global phase here: it would change the weights)."""
+def test_past_the_deadline_nothing_adapts_and_it_is_the_document_isolated_pass():
+    """A deadline already passed leaves the pass what fresh adapters compute, without building them, and skips the
+    global phase: every target scored once, as the document-isolated pass scores it."""
     tokens = doc_stream()
-    args = tiny_args(**dict(LORA_ENV, TTT_PHASE_FRAC="0"))
-    late = torch.zeros(599, dtype=torch.float64)
-    loss, bpb, count, facts = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False, late,
-                                               deadline=-math.inf)
-    isolated = torch.zeros_like(late)
+    isolated = torch.zeros(599, dtype=torch.float64)
+    args = tiny_args(**LORA_ENV)
     ref = tg.evaluate_documents(tiny_model(args).token_losses, val_of(tokens), args, BOS, 0, 1, CPU, False, isolated)
-    torch.testing.assert_close(late, isolated, rtol=0, atol=1e-5)
-    assert (loss, bpb, count) == pytest.approx(ref, abs=1e-6)
-    assert facts["updates"] == 0 and facts["documents_not_adapted"] == facts["documents"] == 7
-    assert facts["score_first"] is True
-    _, _, _, timely = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False)
-    assert timely["updates"] > 0 and timely["documents_not_adapted"] == 0
-    phased = tiny_args(**LORA_ENV)  # with the phase: it still runs on what is scored by then, score-first
-    seen = torch.zeros(599, dtype=torch.float64)
-    *_, count, facts = tg.evaluate_lora(tiny_model(phased), val_of(tokens), phased, 0, 1, False, seen,
-                                        deadline=-math.inf)
-    assert count == 599 and bool((seen > 0).all()) and facts["updates"] == 0 and facts["phase"]["chunks"] > 0
-    assert facts["score_first"] is True and facts["documents_not_adapted"] == 7
+    for frac, skipped in (("0", False), ("0.25", True)):  # no phase asked for; a phase asked for
+        args = tiny_args(**dict(LORA_ENV, TTT_PHASE_FRAC=frac))
+        late = torch.zeros(599, dtype=torch.float64)
+        loss, bpb, count, facts = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False, late,
+                                                   deadline=-math.inf)
+        torch.testing.assert_close(late, isolated, rtol=0, atol=1e-5)
+        assert (loss, bpb, count) == pytest.approx(ref, abs=1e-6)
+        assert facts["updates"] == 0 and facts["documents_not_adapted"] == facts["documents"] == 7
+        assert facts["phase"] is None and facts["phase_skipped"] is skipped and facts["score_first"] is True
+        _, _, _, timely = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False)
+        assert timely["updates"] > 0 and timely["documents_not_adapted"] == 0 and not timely["phase_skipped"]
+        assert (timely["phase"] is None) is not skipped
 
 
-def test_the_deadline_sees_each_batchs_cost_the_work_left_and_the_pace_of_each_kind(monkeypatch):
-    """Batches of one document, each taking one second on a fake clock, adapting or not as a script says: every
-    decision gets the batch's cost, the cost of what is left after it (the phase priced in until it has run),
-    and the seconds and cost done so far adapting and not."""
+@pytest.mark.parametrize("phase_runs", (True, False))
+def test_the_deadline_sees_each_batchs_cost_the_work_left_and_the_pace_of_each_kind(monkeypatch, phase_runs):
+    """Batches of one document, each taking one second on a fake clock, adapting or not as a script says, and the
+    global phase run or skipped likewise: every decision gets its cost (a batch's or the phase's), the cost of what
+    is left after it (the phase priced in until it is decided), and the seconds and cost done so far adapting and
+    not."""
     tokens = doc_stream()
     args = tiny_args(**dict(LORA_ENV, TTT_LORA_DOCS="1"))
     clock = [0.0]
@@ -220,7 +219,7 @@ def test_the_deadline_sees_each_batchs_cost_the_work_left_and_the_pace_of_each_k
         adapt_documents(*a, **k)
         clock[0] += 1.0
 
-    calls, script = [], [True, False, False, True, True, False, True]
+    calls, script = [], [True, False, False, phase_runs, True, True, False, True]
 
     def decide(now, deadline, pace, cost, rest):
         calls.append((now, deadline, {k: tuple(v) for k, v in pace.items()}, cost, rest))
@@ -234,15 +233,18 @@ def test_the_deadline_sees_each_batchs_cost_the_work_left_and_the_pace_of_each_k
     costs = [sum(tg.batch_work(tg.np.array([lengths[d]]), args) * tg.np.array([tg.LORA_STEP_POSITIONS, 1]))
              for d in order]
     phase_cost = -(-200 // 64) * tg.LORA_STEP_POSITIONS + 200
-    assert [c[3] for c in calls] == costs and [c[1] for c in calls] == [123.0] * 7
-    assert [c[4] for c in calls] == [sum(costs[i + 1:]) + (phase_cost if i < 3 else 0) for i in range(7)]
+    work = costs[:3] + [phase_cost] + costs[3:]  # the phase is decided between the two groups
+    assert [c[3] for c in calls] == work and [c[1] for c in calls] == [123.0] * 8
+    assert [c[4] for c in calls] == [sum(work[i + 1:]) for i in range(8)]
     done = {True: [0.0, 0.0], False: [0.0, 0.0]}
-    for (now, _, pace, _, _), adapted, cost in zip(calls, script, costs):
+    for i, ((now, _, pace, _, _), adapted, cost) in enumerate(zip(calls, script, work)):
         assert pace == {k: tuple(v) for k, v in done.items()}
-        done[adapted][0] += 1.0
-        done[adapted][1] += cost
-    assert [c[0] for c in calls] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+        if i != 3:  # the phase is not a batch: its time is not a pace
+            done[adapted][0] += 1.0
+            done[adapted][1] += cost
+    assert [c[0] for c in calls] == [0.0, 1.0, 2.0, 3.0, 3.0, 4.0, 5.0, 6.0]
     assert facts["documents_not_adapted"] == 3 and facts["updates"] > 0
+    assert (facts["phase"] is not None) is phase_runs and facts["phase_skipped"] is not phase_runs
 
 
 def test_the_deadline_counts_the_evaluation_spent_before_the_passes():
@@ -334,7 +336,7 @@ def test_an_evaluation_context_longer_than_training():
 
 
 TWO_RANKS = r'''
-import os, sys, torch, torch.distributed as dist
+import math, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
 import train_gpt as tg
@@ -359,11 +361,15 @@ assert (two - one).abs().max() < 1e-5, (two - one).abs().max()  # the same as on
 for t in (9, 84, 199, 201, 400):
     after = per_target(changed(tokens, t), rank, world)
     assert torch.equal(after[:t - 1], two[:t - 1]), t
+args = tiny_args(**LORA_ENV)  # one rank past its deadline: neither runs the global phase, which is collective
+facts = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, rank, world, False,
+                         deadline=-math.inf if rank == 0 else math.inf)[3]
+assert facts["phase"] is None and facts["phase_skipped"] is True, facts
 print(f"rank {rank}: two ranks score as one, and score first", flush=True)
 tg.leave_process_group()
 os._exit(0)
 '''
 
 
-def test_two_ranks_score_as_one_and_score_first(tmp_path):
-    run_on_two_ranks(tmp_path, TWO_RANKS, "two ranks score as one")
+def test_two_ranks_score_as_one_and_score_first_and_agree_on_the_phase(tmp_path):
+    run_on_two_ranks(tmp_path, TWO_RANKS, "two ranks score as one", timeout=300)
