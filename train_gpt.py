@@ -2253,8 +2253,8 @@ def batch_work(lengths: np.ndarray, args: Hyperparameters) -> tuple[int, int]:
 
 
 def adapt_in_time(now: float, deadline: float, pace: dict[bool, list[float]], cost: float, rest: float) -> bool:
-    """Whether a batch of this cost may adapt and still leave time to score the `rest` (this rank's work after it:
-    batches, and the global phase if it is still to come) by the deadline, at the pace measured so far
+    """Whether a batch (or the global phase) of this cost may run and still leave time to score the `rest` (this
+    rank's work after it: batches, and the global phase if it is still to come) by the deadline, at the pace so far
     (`pace[adapting]`: seconds, cost). Scoring without adapting is taken at the adapting pace until it is
     measured; with no pace yet (the first batch), a batch adapts if it is not too late."""
     if now >= deadline:
@@ -2263,6 +2263,21 @@ def adapt_in_time(now: float, deadline: float, pace: dict[bool, list[float]], co
     if True not in rate:
         return True
     return now + rate[True] * cost + rate.get(False, rate[True]) * rest <= deadline
+
+
+def phase_in_time(deadline: float, pace: dict[bool, list[float]], cost: float, rest: float, device: torch.device,
+                  world_size: int) -> tuple[bool, float]:
+    """(whether the global phase may run, its forecast seconds): adapt_in_time at every rank's pace pooled, so that
+    a rank with no batch before the phase forecasts too, and only if every rank can, as the phase is collective."""
+    pooled = torch.tensor([*pace[True], *pace[False]], dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(pooled)
+    seconds, done, *unadapted = pooled.tolist()
+    go = adapt_in_time(time.perf_counter(), deadline, {True: [seconds, done], False: unadapted}, cost, rest)
+    go = torch.tensor(int(go), device=device)
+    if world_size > 1:
+        dist.all_reduce(go, op=dist.ReduceOp.MIN)
+    return bool(go.item()), seconds / done * cost if done else math.nan
 
 
 def balance(costs: list[float], world_size: int) -> list[list[int]]:
@@ -2413,13 +2428,13 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
         p.requires_grad_(False)
     phase = None
     for g, plan in enumerate(plans):
-        if g and prefix:  # the phase too must leave time to score the rest, on every rank: it is collective
+        if g and prefix:
             rest -= phase_cost
-            go = torch.tensor(int(adapt_in_time(time.perf_counter(), deadline, pace, phase_cost, rest)), device=device)
-            if world_size > 1:
-                dist.all_reduce(go, op=dist.ReduceOp.MIN)
+            go, forecast_s = phase_in_time(deadline, pace, phase_cost, rest, device, world_size)
+            t0 = time.perf_counter()
             phase = global_phase(model, val, phase_end, tally["scored"], args, rank, world_size,
-                                 use_autocast) if go.item() else None
+                                 use_autocast) if go else None
+            phase_s = time.perf_counter() - t0  # global_phase ends reading a GPU value: its work is done
         for batch, cost in plan:
             rest -= cost
             adapt = adapt_in_time(time.perf_counter(), deadline, pace, cost, rest)
@@ -2448,7 +2463,8 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
              "updates": updates, "document_updates": document_updates, "updates_on_unscored_targets": late,
              "documents_not_adapted": unadapted, "phase_skipped": bool(prefix) and phase is None,
              "score_first": late == 0, "phase": phase and dict(documents=prefix, targets=phase["targets"],
-                                                               chunks=phase["chunks"], lr=phase["lr"])}
+                                                               chunks=phase["chunks"], lr=phase["lr"],
+                                                               seconds=phase_s, forecast_seconds=forecast_s)}
     return loss, bpb, count, facts
 
 
@@ -2510,7 +2526,8 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
         log(f"ttt: {facts['adapted']} (adam lr {args.ttt_lora_lr:g} weight decay {args.ttt_lora_wd:g}) over the "
             f"frozen dequantized artifact: {facts['documents']} documents, {facts['order']}; "
             + (f"then every weight on the first {phase['documents']} documents, scored by then ({phase['chunks']} "
-               f"SGD chunks, lr {phase['lr']:g}); " if phase else "no global phase; "
+               f"SGD chunks, lr {phase['lr']:g}; {phase['seconds']:.1f} s, forecast {phase['forecast_seconds']:.1f}"
+               " s); " if phase else "no global phase; "
                if not facts["phase_skipped"] else "the global phase skipped, too late to end in time; ")
             + f"{facts['updates']} updates; "
             + (f"{facts['documents_not_adapted']} documents scored without adapting, aiming to end the evaluation "

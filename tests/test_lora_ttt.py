@@ -89,7 +89,9 @@ def test_no_loss_depends_on_a_later_token():
     base, (loss, bpb, count, facts) = lora_per_target(tokens)
     assert count == tokens.numel() - 1 and (base > 0).all()  # every target scored (once: the count is checked)
     assert facts["score_first"] is True and facts["updates_on_unscored_targets"] == 0
-    assert facts["documents"] == 7 and facts["phase"] == {"documents": 3, "targets": 200, "chunks": 4, "lr": 0.01}
+    phase = {k: facts["phase"][k] for k in ("documents", "targets", "chunks", "lr")}
+    assert facts["documents"] == 7 and phase == {"documents": 3, "targets": 200, "chunks": 4, "lr": 0.01}
+    assert facts["phase"]["seconds"] > 0 and facts["phase"]["forecast_seconds"] > 0
     assert facts["on"] == "dequantized artifact" and facts["updates"] > 10
     for t in POSITIONS:
         after, _ = lora_per_target(changed(tokens, t))
@@ -247,17 +249,22 @@ def test_the_deadline_sees_each_batchs_cost_the_work_left_and_the_pace_of_each_k
     assert (facts["phase"] is not None) is phase_runs and facts["phase_skipped"] is not phase_runs
 
 
-def test_the_deadline_counts_the_evaluation_spent_before_the_passes():
+def test_the_deadline_counts_the_evaluation_spent_before_the_passes(monkeypatch):
     """final_evaluation's deadline is 600 s less what the evaluation spent before it (the pre-export pass): with
-    all of it spent, no document adapts; with none, every one does."""
+    all of it spent, no document adapts and the global phase is skipped; with none, every one adapts and the phase
+    runs. The log says which."""
     args = tiny_args(**LORA_ENV)
     model, tokens = tiny_model(args), doc_stream()
     artifact = {"tensors": {}, "passthrough": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    place, log = tg.Place(False, 0, 1, CPU), tg.RunLog("unused", False, b"")
+    place, log, lines = tg.Place(False, 0, 1, CPU), tg.RunLog("unused", False, b""), []
+    monkeypatch.setattr(tg.RunLog, "__call__", lambda self, msg, console=True: lines.append(msg))
     for spent, unadapted in ((tg.EVAL_LIMIT_SECONDS, 7), (0.0, 0)):
         model = tiny_model(args)
         results = tg.final_evaluation(model, artifact, model.token_losses, val_of(tokens), args, place, log, spent)
         assert results["ttt"]["documents_not_adapted"] == unadapted
+        skipped, said = unadapted > 0, [line for line in lines if line.startswith("ttt:")][-1]
+        assert results["ttt"]["phase_skipped"] is skipped and ("global phase skipped, too late" in said) is skipped
+        assert ("then every weight on the first 3 documents" in said) is not skipped and "no global phase" not in said
 
 
 def test_a_batch_adapts_only_if_the_rest_can_still_be_scored_in_time():
@@ -336,11 +343,11 @@ def test_an_evaluation_context_longer_than_training():
 
 
 TWO_RANKS = r'''
-import math, os, sys, torch, torch.distributed as dist
+import math, os, sys, time, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
 import train_gpt as tg
-from test_lora_ttt import LORA_ENV, changed, doc_stream, tiny_model, val_of
+from test_lora_ttt import CPU, LORA_ENV, changed, doc_stream, tiny_model, val_of
 from conftest import tiny_args
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -361,6 +368,11 @@ assert (two - one).abs().max() < 1e-5, (two - one).abs().max()  # the same as on
 for t in (9, 84, 199, 201, 400):
     after = per_target(changed(tokens, t), rank, world)
     assert torch.equal(after[:t - 1], two[:t - 1]), t
+# The phase's decision: rank 1 has run nothing yet, and forecasts at rank 0's pace (0.1 s a unit: 10 s for 100).
+paces = ({True: [10.0, 100.0], False: [0.0, 0.0]}, {True: [0.0, 0.0], False: [0.0, 0.0]})
+now = time.perf_counter()
+assert tg.phase_in_time(now + 5.0, paces[rank], 100.0, 0.0, CPU, world) == (False, 10.0)
+assert tg.phase_in_time(now + 60.0, paces[rank], 100.0, 0.0, CPU, world) == (True, 10.0)
 args = tiny_args(**LORA_ENV)  # one rank past its deadline: neither runs the global phase, which is collective
 facts = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, rank, world, False,
                          deadline=-math.inf if rank == 0 else math.inf)[3]
