@@ -647,14 +647,16 @@ def val_documents_in_train(train_files: list[str], val_tokens: np.ndarray, bos_i
         n = read_shard_header(path)
         span = max(0, n - OVERLAP_WINDOW_TOKENS)
         seen: dict[int, int | None] = {}  # document position in the shard -> its validation index (-1: none)
+        paired: set[int] = set()  # documents already compared with the next one (windows overlap in short shards)
         for k in range(OVERLAP_WINDOWS):
             start = span * k // max(1, OVERLAP_WINDOWS - 1)
             sample = np.fromfile(path, dtype="<u2", count=min(OVERLAP_WINDOW_TOKENS, n),
                                  offset=SHARD_HEADER_BYTES + 2 * start)
             index = [(start + at, None if d is None else val.get(d, -1))
                      for at, d in document_digests(sample, bos_id, last_is_whole=False)]
-            runs += sum(a[0] not in seen and a[1] is not None and a[1] >= 0 and b[1] == a[1] + 1
+            runs += sum(a[0] not in paired and a[1] is not None and a[1] >= 0 and b[1] == a[1] + 1
                         for a, b in zip(index, index[1:]))
+            paired.update(a[0] for a, _ in zip(index, index[1:]))
             seen.update(index)
         checked += sum(i is not None for i in seen.values())
         found += sum(i is not None and i >= 0 for i in seen.values())

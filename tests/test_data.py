@@ -246,6 +246,23 @@ def test_single_validation_documents_among_training_ones_are_counted_but_form_no
     assert found == len(docs[::7]) and runs == 0
 
 
+def test_a_run_cut_by_one_window_is_counted_in_the_next(tmp_path, monkeypatch):
+    """Windows overlap in a short shard: the first holds validation document a whole and cuts b, the second holds
+    both. The run a, b is counted once."""
+    monkeypatch.setattr(tg, "OVERLAP_WINDOW_TOKENS", 190)
+    monkeypatch.setattr(tg, "OVERLAP_WINDOWS", 3)
+    rng = np.random.default_rng(5)
+
+    def doc(n: int) -> np.ndarray:
+        return np.concatenate(([1], rng.integers(4, 500, n - 1)))
+
+    a, b = doc(50), doc(50)
+    val = np.concatenate((doc(60), a, b, doc(60)))
+    train = np.concatenate((doc(100), a, b, doc(120)))  # windows [0, 190), [65, 255), [130, 320)
+    path = shard(tmp_path / "fineweb_train_000000.bin", train)
+    assert tg.val_documents_in_train([str(path)], val, 1) == (3, 2, 1)
+
+
 def test_the_overlap_check_samples_a_long_shard_at_its_start_middle_and_end(tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "OVERLAP_WINDOW_TOKENS", 700)
     monkeypatch.setattr(tg, "OVERLAP_WINDOWS", 3)
