@@ -508,6 +508,11 @@ def hardware_of(place: Place) -> str:
     return f"{place.world_size}x {name}" if len(set(names)) == 1 else f"{place.world_size}x ({', '.join(names)})"
 
 
+def ceil_div(a, b):
+    """a / b rounded up, for ints and integer arrays."""
+    return -(-a // b)
+
+
 def sync(place: Place) -> None:
     if place.cuda:
         torch.cuda.synchronize()
@@ -1123,7 +1128,7 @@ class GPT(nn.Module):
         x = self.smear(rms_norm(self.tok_emb(ids)), ids)
         x0 = x
         skips: list[Tensor] = []
-        order = self.orders[1] if self.looping else self.orders[0]
+        order = self.orders[self.looping]
         num_encoder = len(order) // 2
         for v, i in enumerate(order):
             if v >= num_encoder and skips:
@@ -1140,12 +1145,9 @@ class GPT(nn.Module):
     def softcap(self, logits: Tensor) -> Tensor:
         return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
-    def logits(self, h: Tensor) -> Tensor:
-        return self.softcap(self.head(h))
-
     def forward(self, ids: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy (nats) over all positions."""
-        logits = self.logits(self.hidden(ids))
+        logits = self.softcap(self.head(self.hidden(ids)))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def token_losses(self, ids: Tensor, targets: Tensor,
@@ -1214,15 +1216,15 @@ def configure_inductor() -> str:
     return f"inductor: mix_order_reduction:{triton_config.mix_order_reduction}"
 
 
-def check_cpu_memory(args: Hyperparameters, num_params: int, micro_tokens: int, have: int | None = None) -> None:
+def check_cpu_memory(args: Hyperparameters, num_params: int, micro_tokens: int) -> None:
     """Without CUDA the model trains in fp32 on the CPU. Estimate its memory (weights, gradients and optimizer
-    state, and the activations of one micro-batch) and stop with the way out if it cannot fit in `have` bytes
-    (this machine's memory by default)."""
+    state, and the activations of one micro-batch) and stop with the way out if it cannot fit in this machine's
+    memory."""
     hidden = int(args.mlp_mult * args.model_dim)
     layers = args.num_layers + len(args.recur_layers) * args.recur_loops
     activations = 4 * micro_tokens * (layers * (12 * args.model_dim + 3 * hidden) + 3 * args.vocab_size)
     need = 20 * num_params + activations  # fp32 weights, gradients, two optimizer moments, the EMA
-    have = have or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
         raise ValueError(
             f"no CUDA device: this model ({num_params / 1e6:.1f}M parameters, {micro_tokens} tokens per micro-batch) "
@@ -1308,7 +1310,7 @@ class Muon(torch.optim.Optimizer):
             if self.row_norm:  # MuonEq-R: every row enters the orthogonalisation at the same norm
                 nesterov = nesterov / nesterov.norm(dim=-1, keepdim=True).clamp_min(1e-7)
             if self.world_size > 1:
-                share = -(-len(params) // self.world_size)
+                share = ceil_div(len(params), self.world_size)
                 mine = nesterov[self.rank * share:(self.rank + 1) * share]
                 if mine.size(0) < share:  # the last shares are short or empty: zero matrices (NS maps 0 to 0)
                     mine = F.pad(mine, (0, 0, 0, 0, 0, share - mine.size(0)))
@@ -1498,35 +1500,34 @@ def train_model(base_model: GPT, args: Hyperparameters, place: Place, train_file
     state = next(iter(states))
     budget_ms = 1000 * (args.max_wallclock_seconds - GPTQ_RESERVE_SECONDS) if args.max_wallclock_seconds else 0
     ema = ExponentialMovingAverage(base_model, EMA_HORIZON_FRAC)
-    elapsed_ms, step, stop_after_step = 0.0, 0, None
+    elapsed_ms, step, out_of_time = 0.0, 0, False
     graphs = torch._dynamo.utils.counters["stats"] if place.cuda and args.compile else {}
     graphs_primed = graphs.get("unique_graphs", 0)  # a graph compiled in the timed loop would cost its seconds
     sync(place)
     log(f"time_to_first_step:{time.perf_counter() - launch:.1f}s (setup, compile and warm-up)")
     t0 = time.perf_counter()
-    while step < args.iterations and (stop_after_step is None or step < stop_after_step):
-        progress = max(step / args.iterations, elapsed_ms / budget_ms if budget_ms else 0.0)
-        if args.train_state(min(progress, 1.0)) != state:  # train_step follows the same schedule
-            state = args.train_state(min(progress, 1.0))
+    while step < args.iterations and not out_of_time:
+        progress = max(step / args.iterations, elapsed_ms / budget_ms if budget_ms else 0.0)  # below 1 here
+        if args.train_state(progress) != state:  # train_step follows the same schedule
+            state = args.train_state(progress)
             log(f"train_state step:{step} seq_len:{state[0]} recurrence:{int(state[1])}")
-        train_loss = train_step(loader, min(progress, 1.0))
+        train_loss = train_step(loader, progress)
         step += 1
-        ema.update(step, max(progress, 1e-9))
+        ema.update(step, progress)
         elapsed_ms = 1000 * (time.perf_counter() - t0)
         if budget_ms and place.distributed:  # every rank must follow the same schedule, or the replicas drift apart
             shared = torch.tensor(elapsed_ms, device=place.device, dtype=torch.float64)
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)
             elapsed_ms = shared.item()
-        if budget_ms and stop_after_step is None and elapsed_ms >= budget_ms:
-            stop_after_step = step
-        if step <= 10 or step % args.train_log_every == 0 or step in (args.iterations, stop_after_step):
+        out_of_time = bool(budget_ms) and elapsed_ms >= budget_ms
+        if step <= 10 or step % args.train_log_every == 0 or step == args.iterations or out_of_time:
             if place.distributed:  # the global batch's mean, so logs of 1 and 8 GPUs compare line by line
                 dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
             log(f"step:{step}/{args.iterations} train_loss:{train_loss.item():.4f} "
                 f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
     sync(place)
     training_ms = 1000 * (time.perf_counter() - t0)
-    if stop_after_step is not None:
+    if out_of_time:
         log(f"stopping_early: wallclock_cap train_time:{training_ms:.0f}ms step:{step}/{args.iterations}")
     tokens_per_s = step * args.train_batch_tokens / (training_ms / 1000)
     log(f"train_summary steps:{step} train_time:{training_ms:.0f}ms step_avg:{training_ms / step:.2f}ms "
@@ -1563,9 +1564,10 @@ def check_replicas(model: nn.Module, log: RunLog) -> None:
 # CALIBRATION, QUANTIZATION (GPTQ), BIT ALLOCATION AND THE ARTIFACT
 # -----------------------------
 # Calibration runs after training, inside its wall clock, on the next unseen training tokens. For every quantized
-# matrix it measures the input second moment H = sum_t x_t x_t^T and the output gradient energy f_j = sum_t (dl_t/dy_tj)^2.
-# A weight error dW then costs about 1/2 sum_j f_j (dW H dW^T)_jj / N^2 nats per token (a Kronecker-factored
-# Fisher), so the errors of different tensors are in one unit, loss, and bytes can go where they buy the most.
+# matrix it measures the input second moment H = sum_t x_t x_t^T and the output gradient energy
+# f_j = sum_t (dl_t/dy_tj)^2. A weight error dW then costs about 1/2 sum_j f_j (dW H dW^T)_jj / N^2 nats per token
+# (a Kronecker-factored Fisher), so the errors of different tensors are in one unit, loss, and bytes can go where
+# they buy the most.
 # - Matrices: GPTQ (act-order, blocked error feedback, per-row fp16 scales from a clip search). Rows are solved
 #   independently, so one solve quantizes every matrix reading the same input (Q, K, V) at every candidate width.
 # - The tied embedding is solved as the output head (with the final hidden states' H); its error also reaches the
@@ -1668,13 +1670,12 @@ def choose_row_scales(w: Tensor, qmax: Tensor, column_weight: Tensor) -> Tensor:
     """Per-row scale (fp16-representable) minimising the column-weighted rounding error over the clip levels;
     qmax [rows] is each row's largest level."""
     absmax = w.abs().amax(dim=1).clamp_min(1e-8)
-    cw = column_weight
     best_err = torch.full_like(absmax, float("inf"))
     best = absmax / qmax
     for frac in CLIP_FRACTIONS:
         scale = (absmax * frac / qmax).clamp_min(FP16_SMALLEST).half().float()
         q = (w / scale[:, None]).round().clamp(-qmax[:, None], qmax[:, None])
-        err = ((w - q * scale[:, None]).square() * cw).sum(dim=1)
+        err = ((w - q * scale[:, None]).square() * column_weight).sum(dim=1)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
     return best.half().float()
@@ -1745,9 +1746,12 @@ def lowrank_product(lowrank: tuple[Tensor, ...]) -> Tensor:
     return (a.float() * a_scale.float()) @ (b.float() * b_scale.float()[:, None])
 
 
+def compress(raw: bytes) -> bytes:
+    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+
+
 def encode_quantized(*tensors: Tensor) -> bytes:
-    return lzma.compress(b"".join(t.cpu().numpy().tobytes() for t in tensors), format=lzma.FORMAT_RAW,
-                         filters=LZMA_FILTERS)
+    return compress(b"".join(t.cpu().numpy().tobytes() for t in tensors))
 
 
 def passthrough_dtype(t: Tensor) -> torch.dtype:
@@ -1891,7 +1895,8 @@ def quantize_model(model: GPT, stats: dict, args: Hyperparameters, code_bytes: i
     widths = sorted(c.bits for c in chosen)
     lines = [f"quant_tensor {name} bits:{c.bits} lqer_rank:{c.rank} bytes:{len(c.blob)} predicted_loss:{c.loss:.3e}"
              for name, c in artifact["tensors"].items()]
-    lines.append(f"quant_summary alloc:{int(not args.quant_uniform_bits)} tensors:{len(widths)} bits:{widths[0]}..{widths[-1]} "
+    lines.append(f"quant_summary alloc:{int(not args.quant_uniform_bits)} tensors:{len(widths)} "
+                 f"bits:{widths[0]}..{widths[-1]} "
                  f"mean_bits:{sum(c.bits * c.q.numel() for c in chosen) / sum(c.q.numel() for c in chosen):.3f} "
                  f"lqer:{sum(c.rank > 0 for c in chosen)} ({sum(c.lowrank_bytes for c in chosen)} bytes) "
                  f"predicted_loss:{sum(c.loss for c in chosen):.5f} "
@@ -1908,10 +1913,9 @@ def serialize_artifact(artifact: dict) -> bytes:
     passthrough = [{"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                    for name, t in artifact["passthrough"].items()]
     raw = b"".join(t.contiguous().numpy().tobytes() for t in artifact["passthrough"].values())
-    stream = lzma.compress(raw, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
-    header = lzma.compress(json.dumps({"config": artifact["config"], "tensors": tensors, "passthrough": passthrough,
-                                       "passthrough_bytes": len(stream)}).encode(), format=lzma.FORMAT_RAW,
-                           filters=LZMA_FILTERS)
+    stream = compress(raw)
+    header = compress(json.dumps({"config": artifact["config"], "tensors": tensors, "passthrough": passthrough,
+                                  "passthrough_bytes": len(stream)}).encode())
     return b"".join([ARTIFACT_MAGIC, len(header).to_bytes(4, "little"), header, stream] +
                     [c.blob for c in artifact["tensors"].values()])
 
@@ -1998,7 +2002,7 @@ def calibrate(model: GPT, loader: DistributedTokenLoader, args: Hyperparameters,
     tokens (see collect_calibration). Returns them, and the training facts with calibration's added."""
     sync(place)
     t_cal = time.perf_counter()
-    per_rank, batches = -(-GPTQ_CALIB_SEQS // place.world_size), []
+    per_rank, batches = ceil_div(GPTQ_CALIB_SEQS, place.world_size), []
     while per_rank > 0:
         n = min(GPTQ_CALIB_MICRO_SEQS, per_rank)
         batches.append(loader.next_batch(n, args.train_seq_len))
@@ -2099,14 +2103,36 @@ def plan_windows(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarra
     return np.asarray(starts, dtype=np.int64), np.asarray(firsts, dtype=np.int64)
 
 
+def rank_share(n: int, rank: int, world_size: int) -> slice:
+    per_rank = ceil_div(n, world_size)
+    return slice(min(n, rank * per_rank), min(n, (rank + 1) * per_rank))
+
+
+def finish_scores(sums: Tensor, num_targets: int, world_size: int,
+                  per_target: Tensor | None) -> tuple[float, float, int]:
+    """All-reduce the sums over ranks; (val_loss nats/token, val_bpb, targets scored), checking each target once."""
+    if world_size > 1:
+        dist.all_reduce(sums)
+        if per_target is not None:
+            dist.all_reduce(per_target)
+    loss_sum, count, byte_count = sums.tolist()
+    if int(count) != num_targets:
+        raise RuntimeError(f"evaluation scored {int(count)} targets, expected each of {num_targets} exactly once")
+    val_loss = loss_sum / count
+    return val_loss, val_loss / math.log(2) * count / byte_count, int(count)
+
+
 @torch.no_grad()
-def score_windows(token_losses, val: dict, starts: np.ndarray, firsts: np.ndarray, seq_len: int, batch_seqs: int,
-                  device: torch.device, use_autocast: bool, sums: Tensor, per_target: Tensor | None,
-                  lengths: np.ndarray | None = None) -> None:
-    """Add the loss, target count and target bytes of the scored positions of these windows to `sums` (and each
-    target's loss to `per_target`, when given). With `lengths`, a window holds only its first lengths[i] tokens
-    (the rest is token 0, unscored): a document's window never reads the next document."""
+def score_windows(token_losses, val: dict, starts: np.ndarray, firsts: np.ndarray, lengths: np.ndarray | None,
+                  seq_len: int, batch_seqs: int, rank: int, world_size: int, device: torch.device, use_autocast: bool,
+                  per_target: Tensor | None) -> tuple[float, float, int]:
+    """(val_loss nats/token, val_bpb, targets scored) of the scored positions of these windows, this rank scoring its
+    share (and adding each target's loss to `per_target`, when given). With `lengths`, a window holds only its first
+    lengths[i] tokens (the rest is token 0, unscored): a document's window never reads the next document."""
     tokens, target_bytes = val["tokens"], val["target_bytes"]
+    mine = rank_share(len(starts), rank, world_size)
+    starts, firsts, lengths = starts[mine], firsts[mine], None if lengths is None else lengths[mine]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
     offsets = torch.arange(seq_len, device=device)
     for b0 in range(0, len(starts), batch_seqs):
         s = torch.from_numpy(starts[b0:b0 + batch_seqs]).to(device)
@@ -2131,24 +2157,7 @@ def score_windows(token_losses, val: dict, starts: np.ndarray, firsts: np.ndarra
         sums[2] += (target_bytes[pos] * mask).sum()
         if per_target is not None:
             per_target.index_put_((pos[mask],), losses.double()[mask], accumulate=True)
-
-
-def finish_scores(sums: Tensor, num_targets: int, world_size: int, per_target: Tensor | None) -> tuple[float, float, int]:
-    """All-reduce the sums over ranks; (val_loss nats/token, val_bpb, targets scored), checking each target once."""
-    if world_size > 1:
-        dist.all_reduce(sums)
-        if per_target is not None:
-            dist.all_reduce(per_target)
-    loss_sum, count, byte_count = sums.tolist()
-    if int(count) != num_targets:
-        raise RuntimeError(f"evaluation scored {int(count)} targets, expected each of {num_targets} exactly once")
-    val_loss = loss_sum / count
-    return val_loss, val_loss / math.log(2) * count / byte_count, int(count)
-
-
-def rank_share(n: int, rank: int, world_size: int) -> slice:
-    per_rank = -(-n // world_size)
-    return slice(min(n, rank * per_rank), min(n, (rank + 1) * per_rank))
+    return finish_scores(sums, tokens.numel() - 1, world_size, per_target)
 
 
 def evaluate(token_losses, val: dict, seq_len: int, stride: int, batch_seqs: int, rank: int, world_size: int,
@@ -2158,11 +2167,8 @@ def evaluate(token_losses, val: dict, seq_len: int, stride: int, batch_seqs: int
     num_targets = val["tokens"].numel() - 1
     seq_len = min(seq_len, num_targets)
     starts, firsts = plan_windows(num_targets, seq_len, min(stride or seq_len, seq_len))
-    mine = rank_share(len(starts), rank, world_size)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, bytes
-    score_windows(token_losses, val, starts[mine], firsts[mine], seq_len, batch_seqs, device, use_autocast, sums,
-                  per_target)
-    return finish_scores(sums, num_targets, world_size, per_target)
+    return score_windows(token_losses, val, starts, firsts, None, seq_len, batch_seqs, rank, world_size, device,
+                         use_autocast, per_target)
 
 
 def chunk_sequences(lo: int, end: int, seq_len: int, seqs_per_rank: int, rank: int, world_size: int,
@@ -2170,7 +2176,7 @@ def chunk_sequences(lo: int, end: int, seq_len: int, seqs_per_rank: int, rank: i
     """Of the sequences of seq_len targets that end at `end` and tile [lo, end) backwards (the earliest may reach
     before lo: targets already scored too), this rank's share of their starts padded to seqs_per_rank (one
     compiled shape), and the weights that make the loss summed over ranks the chunk's mean."""
-    seq_starts = [max(0, end - k * seq_len) for k in range(1, -(-(end - lo) // seq_len) + 1)]
+    seq_starts = [max(0, end - k * seq_len) for k in range(1, ceil_div(end - lo, seq_len) + 1)]
     share = seq_starts[rank_share(len(seq_starts), rank, world_size)]
     weight = torch.zeros(seqs_per_rank, 1, device=device)
     weight[:len(share)] = 1.0 / (len(seq_starts) * seq_len)
@@ -2230,12 +2236,9 @@ def evaluate_documents(token_losses, val: dict, args: Hyperparameters, bos_id: i
     seq_len = min(args.eval_seq_len, num_targets)
     windows = np.concatenate([document_windows(int(z - a), seq_len, args.ttt_lora_chunk, adapt=False) + a
                               for a, z in find_documents(val["tokens"], bos_id)])
-    starts, firsts, lengths = windows[:, 0], windows[:, 1] - windows[:, 0], windows[:, 2] - windows[:, 0]
-    mine = rank_share(len(starts), rank, world_size)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    score_windows(token_losses, val, starts[mine], firsts[mine], seq_len, EVAL_BATCH_SEQS, device, use_autocast,
-                  sums, per_target, lengths[mine])
-    return finish_scores(sums, num_targets, world_size, per_target)
+    starts = windows[:, 0]
+    return score_windows(token_losses, val, starts, windows[:, 1] - starts, windows[:, 2] - starts, seq_len,
+                         EVAL_BATCH_SEQS, rank, world_size, device, use_autocast, per_target)
 
 
 # What one chunk step of the LoRA pass costs beyond the positions it runs, in positions: its fixed part, likely the
@@ -2247,7 +2250,7 @@ TTT_DEADLINE_MARGIN_SECONDS = 30.0  # kept for what the evaluation does after th
 
 def batch_work(lengths: np.ndarray, args: Hyperparameters) -> tuple[int, int]:
     """(chunk steps, positions run forward) of adapt_documents on documents of these lengths, longest first."""
-    chunks = -(-lengths // args.ttt_lora_chunk)
+    chunks = ceil_div(lengths, args.ttt_lora_chunk)
     steps = int(chunks.max())
     widths = np.minimum(np.minimum(args.eval_seq_len, (np.arange(steps) + 1) * args.ttt_lora_chunk), lengths[0])
     running = (chunks[None, :] > np.arange(steps)[:, None]).sum(axis=1)
@@ -2314,7 +2317,7 @@ def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, T
     tokens, target_bytes, scored = val["tokens"], val["target_bytes"], tally["scored"]
     device, chunk, seq_len = tokens.device, args.ttt_lora_chunk, args.eval_seq_len
     lengths = docs[:, 1] - docs[:, 0]
-    num_chunks = -(-lengths // chunk)
+    num_chunks = ceil_div(lengths, chunk)
     first_t, lengths_t = (torch.from_numpy(x).to(device) for x in (docs[:, 0], lengths))  # one copy a batch
     if adapt:
         lora = DocumentLoRA({k: a[:len(docs)] for k, a in a_init.items()}, {k: o for k, (_, o) in sizes.items()},
@@ -2354,8 +2357,8 @@ def global_phase(model: GPT, val: dict, end: int, scored: Tensor, args: Hyperpar
     clip 1, cosine from TTT_PHASE_LR). Each update's targets are checked against those the ranks scored."""
     tokens, device = val["tokens"], val["tokens"].device
     seq_len = min(args.eval_seq_len, end)
-    seqs_per_rank = -(-(-(-min(args.ttt_chunk_tokens, end) // seq_len)) // world_size)
-    num_chunks = -(-end // args.ttt_chunk_tokens)
+    seqs_per_rank = ceil_div(ceil_div(min(args.ttt_chunk_tokens, end), seq_len), world_size)
+    num_chunks = ceil_div(end, args.ttt_chunk_tokens)
     if world_size > 1:
         dist.all_reduce(scored, op=dist.ReduceOp.MAX)
     params = list(model.parameters())
@@ -2397,7 +2400,8 @@ def plan_lora(docs: np.ndarray, args: Hyperparameters, rank: int,
                  for steps, positions in (batch_work(lengths[b], args) for b in batches)]
         plans.append([(batches[i], costs[i]) for i in balance(costs, world_size)[rank]])
     phase_end = int(docs[prefix, 0]) if prefix else 0
-    return prefix, count, plans, -(-phase_end // args.ttt_chunk_tokens) * LORA_STEP_POSITIONS + phase_end / world_size
+    phase_cost = ceil_div(phase_end, args.ttt_chunk_tokens) * LORA_STEP_POSITIONS + phase_end / world_size
+    return prefix, count, plans, phase_cost
 
 
 def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world_size: int, use_autocast: bool,
@@ -2470,21 +2474,21 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     return loss, bpb, count, facts
 
 
-def timed_evaluate(token_losses, val: dict, args: Hyperparameters, stride: int,
-                   place: Place) -> tuple[float, float, int, float]:
-    """The current weights over the whole validation stream: (val_loss, val_bpb, targets, seconds)."""
+def timed(place: Place, work: Callable[[], object]) -> tuple[object, float]:
+    """work()'s result and its seconds, the device's work included."""
     sync(place)
     t0 = time.perf_counter()
-    loss, bpb, count = evaluate(token_losses, val, args.eval_seq_len, stride, EVAL_BATCH_SEQS, place.rank,
-                                place.world_size, place.device, place.cuda)
+    result = work()
     sync(place)
-    return loss, bpb, count, time.perf_counter() - t0
+    return result, time.perf_counter() - t0
 
 
 def score_pre_export(token_losses, val: dict, args: Hyperparameters, place: Place, log: RunLog) -> float:
     """The trained (EMA) weights before quantization, in non-overlapping windows: the reference for the
     quantization gap. Returns its seconds, which hold the compilation that the artifact's passes reuse."""
-    loss, bpb, _, seconds = timed_evaluate(token_losses, val, args, args.eval_seq_len, place)
+    (loss, bpb, _), seconds = timed(place, lambda: evaluate(token_losses, val, args.eval_seq_len, args.eval_seq_len,
+                                                            EVAL_BATCH_SEQS, place.rank, place.world_size,
+                                                            place.device, place.cuda))
     log(f"pre_export val_loss:{loss:.4f} val_bpb:{bpb:.4f} weights:ema eval_time:{1000 * seconds:.0f}ms")
     log.update(pre_quant_val_loss=loss, pre_quant_val_bpb=bpb, pre_quant_eval_seconds=seconds)
     return seconds
@@ -2511,33 +2515,28 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
         results[label] = dict(facts or {}, val_loss=loss, val_bpb=bpb, eval_seconds=seconds)
 
     for label, stride in passes:
-        loss, bpb, count, seconds = timed_evaluate(token_losses, val, args, stride, place)
-        report(label, f"stride:{stride}", (loss, bpb, count), seconds)
+        report(label, f"stride:{stride}", *timed(place, lambda: evaluate(
+            token_losses, val, args.eval_seq_len, stride, EVAL_BATCH_SEQS, place.rank, place.world_size, place.device,
+            place.cuda)))
     if args.ttt_mode == "lora":
-        sync(place)
-        t0 = time.perf_counter()
-        scores = evaluate_documents(token_losses, val, args, model.bos_id, place.rank, place.world_size, place.device,
-                                    place.cuda)
-        sync(place)
-        report("doc_isolated", f"chunk:{args.ttt_lora_chunk}", scores, time.perf_counter() - t0,
+        report("doc_isolated", f"chunk:{args.ttt_lora_chunk}", *timed(place, lambda: evaluate_documents(
+            token_losses, val, args, model.bos_id, place.rank, place.world_size, place.device, place.cuda)),
                {"method": "each document alone, no adaptation"})
-        sync(place)  # last: it changes the weights, and nothing reads them afterwards
-        t0 = time.perf_counter()
-        *scores, facts = evaluate_lora(model, val, args, place.rank, place.world_size, place.cuda, deadline=deadline)
-        phase = facts["phase"]
+        (*scores, facts), seconds = timed(place, lambda: evaluate_lora(  # last: it changes the weights
+            model, val, args, place.rank, place.world_size, place.cuda, deadline=deadline))
+        phase, unadapted = facts["phase"], facts["documents_not_adapted"]
+        said = (f"then every weight on the first {phase['documents']} documents, scored by then ({phase['chunks']} SGD "
+                f"chunks, lr {phase['lr']:g}; {phase['seconds']:.1f} s, forecast {phase['forecast_seconds']:.1f} s)"
+                if phase else "the global phase skipped, too late to end in time" if facts["phase_skipped"]
+                else "no global phase")
         log(f"ttt: {facts['adapted']} (adam lr {args.ttt_lora_lr:g} weight decay {args.ttt_lora_wd:g}) over the "
-            f"frozen dequantized artifact: {facts['documents']} documents, {facts['order']}; "
-            + (f"then every weight on the first {phase['documents']} documents, scored by then ({phase['chunks']} "
-               f"SGD chunks, lr {phase['lr']:g}; {phase['seconds']:.1f} s, forecast {phase['forecast_seconds']:.1f}"
-               " s); " if phase else "no global phase; "
-               if not facts["phase_skipped"] else "the global phase skipped, too late to end in time; ")
-            + f"{facts['updates']} updates; "
-            + (f"{facts['documents_not_adapted']} documents scored without adapting, aiming to end the evaluation "
-               f"inside {EVAL_LIMIT_SECONDS:g} s; " if facts["documents_not_adapted"] else "")
-            + "updates reading targets not yet scored: "
-            f"{facts['updates_on_unscored_targets']} score_first:{facts['score_first']}")
-        sync(place)
-        report("ttt", f"chunk:{args.ttt_lora_chunk}", tuple(scores), time.perf_counter() - t0, facts)
+            f"frozen dequantized artifact: {facts['documents']} documents, {facts['order']}; {said}; "
+            f"{facts['updates']} updates; "
+            + (f"{unadapted} documents scored without adapting, aiming to end the evaluation inside "
+               f"{EVAL_LIMIT_SECONDS:g} s; " if unadapted else "")
+            + f"updates reading targets not yet scored: {facts['updates_on_unscored_targets']} "
+            f"score_first:{facts['score_first']}")
+        report("ttt", f"chunk:{args.ttt_lora_chunk}", tuple(scores), seconds, facts)
     return results
 
 
