@@ -1579,8 +1579,9 @@ def check_replicas(model: nn.Module, log: RunLog) -> None:
 #   before the widths are chosen (choose_widths), and the artifact's total is exact.
 
 ARTIFACT_MAGIC = b"S4DXSA6\n"
-# Knobs an artifact or checkpoint fixes: evaluating it rebuilds the model from these, whatever the environment says.
-MODEL_KEYS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
+# Knobs an artifact or checkpoint fixes: evaluating it rebuilds the model from these, whatever the environment says;
+# SEED too, which the TTT adapters start from and the facts report, so that a re-score is the run's own.
+MODEL_KEYS = ("SEED", "VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
               "ROPE_DIMS", "QK_GAIN_INIT", "XSA_LAST_N", "SSM_LAYERS", "SSM_MODE", "SSM_KERNEL", "SSM_KERNEL_SIZE",
               "SSM_STATE_DIM", "RECUR_LAYERS", "RECUR_LOOPS", "PARALLEL_RESIDUAL_FROM", "ATTN_GATE")
 CHECKPOINT_FORMAT = "s4d_xsa_checkpoint_v3"

@@ -84,9 +84,8 @@ def main(tg, options: argparse.Namespace) -> int:
             model.load_state_dict(source["state"])
             training = source["facts"]
             log(f"export_only: checkpoint {path}: steps:{training['steps']} train_plus_calibration:"
-                f"{1000 * training['train_plus_calibration_s']:.0f}ms within_wallclock:"
-                f"{training['calibration_within_wallclock']} (calibration was on training shards inside that run's "
-                f"clock)")
+                f"{1000 * training['train_plus_calibration_s']:.0f}ms calibration_within_wallclock:"
+                f"{training['calibration_within_wallclock']} (that run's calibration, on its training shards)")
             log.update(**training, checkpoint=str(path))
             pre_export_s = tg.score_pre_export(token_losses, val, args, place, log)
             blob = tg.export_artifact(model, source["stats"], args, code, place, log)

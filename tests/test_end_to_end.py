@@ -192,7 +192,7 @@ def test_an_existing_artifact_is_kept_and_announced(run):
 
 def test_eval_only_reproduces_round_trip(run, demo_data_dir, tmp_path_factory):
     workdir = new_workdir(tmp_path_factory, "e2e_eval")
-    env = clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="e2e_eval", NUM_LAYERS="7")
+    env = clean_env(**data_env(demo_data_dir), **EVAL_ENV, RUN_ID="e2e_eval", NUM_LAYERS="7", SEED="5")
     proc = run_evaluate(workdir, env, "--artifact", str(run.artifact))
     assert proc.returncode == 0, proc.stderr[-5000:]
     log = (workdir / "logs" / "e2e_eval.txt").read_text(encoding="utf-8")
@@ -201,11 +201,13 @@ def test_eval_only_reproduces_round_trip(run, demo_data_dir, tmp_path_factory):
     for key in after:
         assert after[key][0] == before[key][0]
     console = proc.stdout  # the log without the archived source code
-    assert "_roundtrip_exact" in console and "NUM_LAYERS=2 (not 7)" in console  # the artifact fixes the shape
+    assert "_roundtrip_exact" in console and "NUM_LAYERS=2 (not 7)" in console  # the artifact fixes the shape,
+    assert "SEED=1337 (not 5)" in console  # and the seed the TTT adapters start from and the facts report
     assert "train_loss" not in console and "Serialized model" not in console  # nothing trained or exported
     assert not (workdir / "final_model.ptz").exists()
     facts = json.loads((workdir / "logs" / "e2e_eval.json").read_text(encoding="utf-8"))
     assert facts["status"] == "evaluated" and facts["bytes_total"] == run.facts["bytes_total"]
+    assert facts["seed"] == run.facts["seed"] == 1337
     assert facts["results"]["roundtrip"]["val_bpb"] == run.facts["results"]["roundtrip"]["val_bpb"]
     assert facts["valid"] is False and "train_under_600s" in facts["not_assessed"]
     assert not any("train" in why for why in facts["broken_rules"])  # not assessed is not broken
@@ -503,3 +505,6 @@ def test_the_demo_is_one_command_and_keeps_its_outputs_in_its_own_folder(tmp_pat
     demo_dir = root / "demo"
     assert {"data", "logs", "checkpoints", "final_model.ptz", "final_model.1.ptz"} <= {p.name for p in demo_dir.iterdir()}
     assert (demo_dir / "logs" / "demo.txt").is_file() and (demo_dir / "logs" / "demo.1.txt").is_file()
+    proc = subprocess.run([sys.executable, "scripts/demo.py", "--help"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=HANG_TIMEOUT)  # an argument would be ignored: it is refused, at once
+    assert proc.returncode == 1 and "takes no arguments" in proc.stderr and "demo:" not in proc.stdout
