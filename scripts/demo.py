@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -106,14 +105,19 @@ def demo_environment(data_dir: Path, environ: dict[str, str]) -> dict[str, str]:
     return {**DEMO_KNOBS, **data, **environ}
 
 
-def main() -> int:
+def main(argv: list[str]) -> None:
+    """Write the data, then become train_gpt.py in demo/ (exec: a signal stops the run itself, not a parent)."""
+    if argv:
+        sys.exit(f"scripts/demo.py takes no arguments, only environment variables (SEED=7 python3 scripts/demo.py): "
+                 f"got {' '.join(argv)}")
     data_dir = DEMO_DIR / "data"
     print(f"demo: a small self-made corpus and tokenizer in {data_dir}, a 4-layer model, "
           f"{DEMO_KNOBS['ITERATIONS']} steps on the CPU; outputs under {DEMO_DIR}", flush=True)
     make_demo_data(data_dir)
+    os.chdir(DEMO_DIR)
     env = demo_environment(data_dir, dict(os.environ))
-    return subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=DEMO_DIR, env=env).returncode
+    os.execve(sys.executable, [sys.executable, str(REPO / "train_gpt.py")], env)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(sys.argv[1:])
