@@ -311,6 +311,13 @@ def summarize(folder, reference_loss: float, margin: float = 0.005, meta=None, w
         blockers = ["written with --non-record"]
     if len({f.get("bytes_code") for f in facts}) > 1:
         warn("runs disagree on bytes_code (different code?): the largest is reported")
+    missing = [k for k in ("author", "github_id", "blurb") if not meta.get(k)]
+    if missing:
+        warn(f"submission.json will hold null for {', '.join(missing)}: pass "
+             + " ".join(f"--{k.replace('_', '-')} ..." for k in missing))
+    track = TRACK_NON_RECORD if non_record else TRACK_RECORD
+    if folder.resolve().parent.name.startswith("track_") and folder.resolve().parent.name != f"track_{track}":
+        warn(f"a {track} submission in {folder.resolve().parent.name}/: the records keep it in track_{track}/")
 
     def mean_if_all(key: str):
         values = [f.get(key) for f in facts]
@@ -319,7 +326,7 @@ def summarize(folder, reference_loss: float, margin: float = 0.005, meta=None, w
     submission = {
         "author": meta.get("author"), "github_id": meta.get("github_id"), "name": meta.get("name") or folder.name,
         "blurb": meta.get("blurb"), "date": datetime.date.today().isoformat(),
-        "track": TRACK_NON_RECORD if non_record else TRACK_RECORD,
+        "track": track,
         "val_loss": statistics.fmean(losses), "val_bpb": statistics.fmean(bpbs),
         "val_loss_std": loss_std, "val_bpb_std": bpb_std,
         "pre_quant_val_loss": mean_if_all("pre_quant_val_loss"), "pre_quant_val_bpb": mean_if_all("pre_quant_val_bpb"),

@@ -270,12 +270,24 @@ def test_output_dir_receives_the_summary_and_the_folder_stays_as_it_was(tmp_path
     assert files_of(out) == written and "exist" in capsys.readouterr().err
 
 
+AUTHOR = {"author": "A", "github_id": "a", "blurb": "b"}
+
+
 def test_track_names_are_the_records(tmp_path):
-    """The records write "10min_16mb" / "non_record_16mb", not the folder name "track_..."."""
-    folder = three_runs(tmp_path / "records" / "track_10min_16mb" / "2026-01-01_X")
-    assert ss.summarize(folder, reference_loss=1.92)["track"] == "10min_16mb"
-    folder = three_runs(tmp_path / "records" / "track_non_record_16mb" / "2026-01-01_Y")
-    assert ss.summarize(folder, reference_loss=1.92, non_record=True)["track"] == "non_record_16mb"
+    """The records write "10min_16mb" / "non_record_16mb", not the folder name "track_..."; a submission in the
+    other track's folder, or without its author's fields, is written with a warning that says so."""
+    for track, non_record in (("10min_16mb", False), ("non_record_16mb", True)):
+        other = "non_record_16mb" if track == "10min_16mb" else "10min_16mb"
+        for where, meta in ((track, AUTHOR), (other, {"author": "A"})):
+            warnings = []
+            folder = three_runs(tmp_path / track / "records" / f"track_{where}" / "2026-01-01_X")
+            sub = ss.summarize(folder, reference_loss=1.92, non_record=non_record, meta=meta, warn=warnings.append)
+            assert sub["track"] == track
+            if where == track:
+                assert warnings == []
+            else:
+                assert len(warnings) == 2 and f"in track_{other}/" in warnings[1] and f"track_{track}/" in warnings[1]
+                assert "null for github_id, blurb: pass --github-id ... --blurb ..." in warnings[0]
 
 
 def test_a_flag_a_run_does_not_state_is_not_stated_rather_than_false(tmp_path):
@@ -433,7 +445,7 @@ def test_record_folder_check_on_a_synthetic_record(tmp_path):
     folder = three_runs(tmp_path / "records" / "track_10min_16mb" / "2026-01-01_Test", source=root_code.decode())
     shutil.copyfile(ROOT / "train_gpt.py", folder / "train_gpt.py")
     warnings = []
-    sub = ss.summarize(folder, reference_loss=1.92, warn=warnings.append)
+    sub = ss.summarize(folder, reference_loss=1.92, meta=AUTHOR, warn=warnings.append)
     assert warnings == [] and sub["track"] == "10min_16mb" and sub["bytes_code"] == len(root_code)
     assert record_folder_problems(folder) == []
     sub = json.loads((folder / "submission.json").read_text())
@@ -459,7 +471,7 @@ def test_a_record_of_the_packed_script(tmp_path):
     folder = three_runs(tmp_path / "records" / "track_10min_16mb" / "2026-01-02_Packed", source=packed.decode())
     (folder / "train_gpt.py").write_bytes(packed)
     warnings = []
-    sub = ss.summarize(folder, reference_loss=1.92, warn=warnings.append)
+    sub = ss.summarize(folder, reference_loss=1.92, meta=AUTHOR, warn=warnings.append)
     assert warnings == [] and sub["bytes_code"] == len(packed) < len(source) / 2
     assert record_folder_problems(folder) == [] and pack.unpack(packed) == pack.strip_prose(source.decode()).encode()
     (folder / "train_gpt.py").write_bytes(source)
