@@ -1581,9 +1581,9 @@ def check_replicas(model: nn.Module, log: RunLog) -> None:
 ARTIFACT_MAGIC = b"S4DXSA6\n"
 # Knobs an artifact or checkpoint fixes: evaluating it rebuilds the model from these, whatever the environment says;
 # SEED too, which the TTT adapters start from and the facts report, so that a re-score is the run's own.
-MODEL_KEYS = ("SEED", "VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_LEAKY_SLOPE",
-              "ROPE_DIMS", "QK_GAIN_INIT", "XSA_LAST_N", "SSM_LAYERS", "SSM_MODE", "SSM_KERNEL", "SSM_KERNEL_SIZE",
-              "SSM_STATE_DIM", "RECUR_LAYERS", "RECUR_LOOPS", "PARALLEL_RESIDUAL_FROM", "ATTN_GATE")
+MODEL_KEYS = ("SEED", "VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
+              "MLP_LEAKY_SLOPE", "ROPE_DIMS", "QK_GAIN_INIT", "XSA_LAST_N", "SSM_LAYERS", "SSM_MODE", "SSM_KERNEL",
+              "SSM_KERNEL_SIZE", "SSM_STATE_DIM", "RECUR_LAYERS", "RECUR_LOOPS", "PARALLEL_RESIDUAL_FROM", "ATTN_GATE")
 CHECKPOINT_FORMAT = "s4d_xsa_checkpoint_v3"
 GPTQ_CALIB_SEQS = 64  # sequences of TRAIN_SEQ_LEN training tokens the calibration statistics are taken over
 GPTQ_CALIB_MICRO_SEQS = 8  # calibration runs eager forward and backward passes: small batches keep memory low
@@ -2309,12 +2309,13 @@ def record_scores(losses: Tensor, pos: Tensor, now: Tensor, target_bytes: Tensor
 
 def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, Tensor], sizes: dict,
                     args: Hyperparameters, use_autocast: bool, tally: dict, per_target: Tensor | None,
-                    adapt: bool) -> None:
+                    adapt: bool, stop_at: float = math.inf) -> None:
     """One batch of documents, longest first, each with fresh adapters (B = 0; A from a_init): chunk i of every
     document still running is scored in one forward, each document in its own window; then each document's
     adapters take one step on its mean loss over that chunk, unless it was its last. The scored targets go to
     tally, and every update checks the targets its loss weights read against the targets scored so far. Without
-    `adapt`, the chunks are scored with no adapters, which is what fresh ones compute, and nothing trains."""
+    `adapt`, the chunks are scored with no adapters, which is what fresh ones compute, and nothing trains. From
+    `stop_at` (time.perf_counter) on, nothing trains either: the adapters score the rest as they are."""
     tokens, target_bytes, scored = val["tokens"], val["target_bytes"], tally["scored"]
     device, chunk, seq_len = tokens.device, args.ttt_lora_chunk, args.eval_seq_len
     lengths = docs[:, 1] - docs[:, 0]
@@ -2325,6 +2326,7 @@ def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, T
                             args.ttt_lora_rank)
         optimizer = torch.optim.AdamW(lora.parameters(), lr=args.ttt_lora_lr, betas=LORA_BETAS, eps=1e-10,
                                       weight_decay=args.ttt_lora_wd)
+    stopped = False
     for i in range(int(num_chunks.max())):
         m = int((num_chunks > i).sum())  # the documents still being scored are the first m
         width = int(min(seq_len, (i + 1) * chunk, lengths[0]))  # the longest window, known on the host: no sync
@@ -2335,6 +2337,8 @@ def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, T
         inside = offsets < (ends - starts)[:, None]
         now = inside & (offsets >= (i * chunk - starts)[:, None])
         trains = (num_chunks[:m] > i + 1) & adapt  # never a document's last chunk
+        if trains.any() and time.perf_counter() >= stop_at:  # past it, this batch only scores
+            trains[:], stopped = False, True
         with torch.set_grad_enabled(bool(trains.any())):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 losses = model.token_losses(tokens[pos] * inside, tokens[pos + 1] * inside,
@@ -2349,6 +2353,7 @@ def adapt_documents(model: GPT, val: dict, docs: np.ndarray, a_init: dict[str, T
         optimizer.zero_grad(set_to_none=True)
         tally["updates"] += 1
         tally["document_updates"] += int(trains.sum())
+    tally["stopped"] += stopped
 
 
 def global_phase(model: GPT, val: dict, end: int, scored: Tensor, args: Hyperparameters, rank: int, world_size: int,
@@ -2415,7 +2420,8 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     are scored with the result: no score depends on a later token. A batch adapts only if its rank can still do
     all its remaining work by `deadline` (time.perf_counter; adapt_in_time), so that the evaluation keeps its time
     limit; one that cannot is scored without adapters (a later, cheaper one may adapt again), and the global phase
-    runs only if every rank can still run it and then score the rest. Returns (val_loss, val_bpb, targets, facts)."""
+    runs only if every rank can still run it and then score the rest. No update runs past the deadline, not even
+    inside a batch (the first one adapts with no pace to forecast by). Returns (val_loss, val_bpb, targets, facts)."""
     tokens, device = val["tokens"], val["tokens"].device
     docs = find_documents(tokens, model.bos_id)
     prefix, batches, plans, phase_cost = plan_lora(docs, args, rank, world_size)
@@ -2426,7 +2432,7 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     tally = {"sums": torch.zeros(3, dtype=torch.float64, device=device),
              "late": torch.zeros((), dtype=torch.int64, device=device),
              "scored": torch.zeros(tokens.numel() - 1, dtype=torch.uint8, device=device), "updates": 0,
-             "document_updates": 0}
+             "document_updates": 0, "stopped": 0}
     phase_end = int(docs[prefix, 0]) if prefix else 0  # the global phase trains on the targets before it
     rest = sum(cost for plan in plans for _, cost in plan) + phase_cost
     pace = {True: [0.0, 0.0], False: [0.0, 0.0]}  # adapting or not: seconds, cost
@@ -2446,7 +2452,8 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
             rest -= cost
             adapt = adapt_in_time(time.perf_counter(), deadline, pace, cost, rest)
             t0 = time.perf_counter()
-            adapt_documents(model, val, docs[batch], template, sizes, args, use_autocast, tally, per_target, adapt)
+            adapt_documents(model, val, docs[batch], template, sizes, args, use_autocast, tally, per_target, adapt,
+                            deadline)
             if device.type == "cuda":  # the pace is the GPU's, not how far the host ran ahead of it
                 torch.cuda.synchronize(device)
             pace[adapt][0] += time.perf_counter() - t0
@@ -2454,11 +2461,11 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
             unadapted += 0 if adapt else len(batch)
     for p in model.parameters():
         p.requires_grad_(True)
-    counts = torch.tensor([int(tally["late"]), tally["updates"], tally["document_updates"], unadapted],
-                          device=device)
+    counts = torch.tensor([int(tally["late"]), tally["updates"], tally["document_updates"], unadapted,
+                           tally["stopped"]], device=device)
     if world_size > 1:
         dist.all_reduce(counts)
-    late, updates, document_updates, unadapted = counts.tolist()
+    late, updates, document_updates, unadapted, stopped = counts.tolist()
     late += phase["late"] if phase else 0
     loss, bpb, count = finish_scores(tally["sums"], tokens.numel() - 1, world_size, per_target)
     facts = {"method": "score-first per-document LoRA", "on": "dequantized artifact",
@@ -2468,7 +2475,8 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
                       f"adapters every batch", "documents": len(docs), "batches": batches,
              "optimizer": "adam", "lr": args.ttt_lora_lr, "weight_decay": args.ttt_lora_wd,
              "updates": updates, "document_updates": document_updates, "updates_on_unscored_targets": late,
-             "documents_not_adapted": unadapted, "phase_skipped": bool(prefix) and phase is None,
+             "documents_not_adapted": unadapted, "batches_stopped": stopped,
+             "phase_skipped": bool(prefix) and phase is None,
              "score_first": late == 0, "phase": phase and dict(documents=prefix, targets=phase["targets"],
                                                                chunks=phase["chunks"], lr=phase["lr"],
                                                                seconds=phase_s, forecast_seconds=forecast_s)}
@@ -2533,8 +2541,9 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
         log(f"ttt: {facts['adapted']} (adam lr {args.ttt_lora_lr:g} weight decay {args.ttt_lora_wd:g}) over the "
             f"frozen dequantized artifact: {facts['documents']} documents, {facts['order']}; {said}; "
             f"{facts['updates']} updates; "
-            + (f"{unadapted} documents scored without adapting, aiming to end the evaluation inside "
-               f"{EVAL_LIMIT_SECONDS:g} s; " if unadapted else "")
+            + (f"{unadapted} documents scored without adapting and {facts['batches_stopped']} batches' updates "
+               f"stopped, aiming to end the evaluation inside {EVAL_LIMIT_SECONDS:g} s; "
+               if unadapted or facts["batches_stopped"] else "")
             + f"updates reading targets not yet scored: {facts['updates_on_unscored_targets']} "
             f"score_first:{facts['score_first']}")
         report("ttt", f"chunk:{args.ttt_lora_chunk}", tuple(scores), seconds, facts)

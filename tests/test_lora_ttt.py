@@ -205,6 +205,26 @@ def test_past_the_deadline_nothing_adapts_and_it_is_the_document_isolated_pass()
         assert (timely["phase"] is None) is not skipped
 
 
+def test_updates_stop_at_the_deadline_inside_a_batch(monkeypatch):
+    """One batch of all seven documents (a first batch adapts whatever the forecast), on a clock that reads one
+    second later at each look: the batch starts at 1 s and chunk i looks at 2 + i s, so with the deadline at 5 s the
+    adapters take the steps after chunks 0, 1 and 2, score chunk 3 with them as the full pass does, and train no
+    more. Every target is still scored once, and every score up to chunk 3 is the full pass's."""
+    tokens = doc_stream()
+    args = tiny_args(**dict(LORA_ENV, TTT_LORA_DOCS="7", TTT_PHASE_FRAC="0"))
+    full = torch.zeros(599, dtype=torch.float64)
+    *_, whole = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False, full)
+    clock = iter(range(10_000))
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: float(next(clock)))
+    cut = torch.zeros(599, dtype=torch.float64)
+    *_, count, facts = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False, cut, deadline=5.0)
+    assert count == 599 and facts["score_first"] is True and facts["documents_not_adapted"] == 0
+    assert (whole["updates"], whole["batches_stopped"], facts["updates"], facts["batches_stopped"]) == (17, 0, 3, 1)
+    starts = list(DOC_STARTS) + [599]
+    chunk = torch.cat([torch.arange(b - a) // 8 for a, b in zip(starts[:-1], starts[1:])])
+    assert torch.equal(cut[chunk <= 3], full[chunk <= 3]) and not torch.equal(cut[chunk > 3], full[chunk > 3])
+
+
 @pytest.mark.parametrize("phase_runs", (True, False))
 def test_the_deadline_sees_each_batchs_cost_the_work_left_and_the_pace_of_each_kind(monkeypatch, phase_runs):
     """Batches of one document, each taking one second on a fake clock, adapting or not as a script says, and the
