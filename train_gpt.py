@@ -2420,8 +2420,9 @@ def evaluate_lora(model: GPT, val: dict, args: Hyperparameters, rank: int, world
     are scored with the result: no score depends on a later token. A batch adapts only if its rank can still do
     all its remaining work by `deadline` (time.perf_counter; adapt_in_time), so that the evaluation keeps its time
     limit; one that cannot is scored without adapters (a later, cheaper one may adapt again), and the global phase
-    runs only if every rank can still run it and then score the rest. No update runs past the deadline, not even
-    inside a batch (the first one adapts with no pace to forecast by). Returns (val_loss, val_bpb, targets, facts)."""
+    runs only if every rank can still run it and then score the rest. No adapter update starts past the deadline,
+    not even inside a batch (the first one adapts with no pace to forecast by); a phase begun runs to its end.
+    Returns (val_loss, val_bpb, targets, facts)."""
     tokens, device = val["tokens"], val["tokens"].device
     docs = find_documents(tokens, model.bos_id)
     prefix, batches, plans, phase_cost = plan_lora(docs, args, rank, world_size)
@@ -2541,8 +2542,8 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
         log(f"ttt: {facts['adapted']} (adam lr {args.ttt_lora_lr:g} weight decay {args.ttt_lora_wd:g}) over the "
             f"frozen dequantized artifact: {facts['documents']} documents, {facts['order']}; {said}; "
             f"{facts['updates']} updates; "
-            + (f"{unadapted} documents scored without adapting and {facts['batches_stopped']} batches' updates "
-               f"stopped, aiming to end the evaluation inside {EVAL_LIMIT_SECONDS:g} s; "
+            + (f"{unadapted} documents scored without adapting, updates stopped inside {facts['batches_stopped']} "
+               f"batch(es), aiming to end the evaluation inside {EVAL_LIMIT_SECONDS:g} s; "
                if unadapted or facts["batches_stopped"] else "")
             + f"updates reading targets not yet scored: {facts['updates_on_unscored_targets']} "
             f"score_first:{facts['score_first']}")

@@ -208,17 +208,28 @@ def test_past_the_deadline_nothing_adapts_and_it_is_the_document_isolated_pass()
 def test_updates_stop_at_the_deadline_inside_a_batch(monkeypatch):
     """One batch of all seven documents (a first batch adapts whatever the forecast), on a clock that reads one
     second later at each look: the batch starts at 1 s and chunk i looks at 2 + i s, so with the deadline at 5 s the
-    adapters take the steps after chunks 0, 1 and 2, score chunk 3 with them as the full pass does, and train no
-    more. Every target is still scored once, and every score up to chunk 3 is the full pass's."""
+    adapters take the steps after chunks 0, 1 and 2, score chunk 3 with them as the full pass does, and score the
+    rest with them too, without gradients or steps. Every target is still scored once, and every score up to chunk
+    3 is the full pass's."""
     tokens = doc_stream()
     args = tiny_args(**dict(LORA_ENV, TTT_LORA_DOCS="7", TTT_PHASE_FRAC="0"))
     full = torch.zeros(599, dtype=torch.float64)
     *_, whole = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False, full)
     clock = iter(range(10_000))
     monkeypatch.setattr(tg.time, "perf_counter", lambda: float(next(clock)))
+    model, forwards, steps = tiny_model(args), [], []
+    token_losses, adam_step = model.token_losses, torch.optim.AdamW.step
+
+    def spy(ids, targets, lora=None):  # each chunk's forward: with adapters? with gradients?
+        forwards.append((lora is not None, torch.is_grad_enabled()))
+        return token_losses(ids, targets, lora)
+
+    model.token_losses = spy
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or adam_step(self, *a, **k))
     cut = torch.zeros(599, dtype=torch.float64)
-    *_, count, facts = tg.evaluate_lora(tiny_model(args), val_of(tokens), args, 0, 1, False, cut, deadline=5.0)
+    *_, count, facts = tg.evaluate_lora(model, val_of(tokens), args, 0, 1, False, cut, deadline=5.0)
     assert count == 599 and facts["score_first"] is True and facts["documents_not_adapted"] == 0
+    assert len(steps) == 3 and forwards == [(True, True)] * 3 + [(True, False)] * (len(forwards) - 3)
     assert (whole["updates"], whole["batches_stopped"], facts["updates"], facts["batches_stopped"]) == (17, 0, 3, 1)
     starts = list(DOC_STARTS) + [599]
     chunk = torch.cat([torch.arange(b - a) // 8 for a, b in zip(starts[:-1], starts[1:])])
