@@ -2493,12 +2493,16 @@ def timed(place: Place, work: Callable[[], object]) -> tuple[object, float]:
     return result, time.perf_counter() - t0
 
 
+def whole_pass(token_losses, val: dict, args: Hyperparameters, stride: int, place: Place) -> tuple[float, float, int]:
+    """The current weights over the whole validation stream, in EVAL_SEQ_LEN windows at this stride."""
+    return evaluate(token_losses, val, args.eval_seq_len, stride, EVAL_BATCH_SEQS, place.rank, place.world_size,
+                    place.device, place.cuda)
+
+
 def score_pre_export(token_losses, val: dict, args: Hyperparameters, place: Place, log: RunLog) -> float:
     """The trained (EMA) weights before quantization, in non-overlapping windows: the reference for the
     quantization gap. Returns its seconds, which hold the compilation that the artifact's passes reuse."""
-    (loss, bpb, _), seconds = timed(place, lambda: evaluate(token_losses, val, args.eval_seq_len, args.eval_seq_len,
-                                                            EVAL_BATCH_SEQS, place.rank, place.world_size,
-                                                            place.device, place.cuda))
+    (loss, bpb, _), seconds = timed(place, lambda: whole_pass(token_losses, val, args, args.eval_seq_len, place))
     log(f"pre_export val_loss:{loss:.4f} val_bpb:{bpb:.4f} weights:ema eval_time:{1000 * seconds:.0f}ms")
     log.update(pre_quant_val_loss=loss, pre_quant_val_bpb=bpb, pre_quant_eval_seconds=seconds)
     return seconds
@@ -2525,9 +2529,7 @@ def final_evaluation(model: GPT, artifact: dict, token_losses, val: dict, args: 
         results[label] = dict(facts or {}, val_loss=loss, val_bpb=bpb, eval_seconds=seconds)
 
     for label, stride in passes:
-        report(label, f"stride:{stride}", *timed(place, lambda: evaluate(
-            token_losses, val, args.eval_seq_len, stride, EVAL_BATCH_SEQS, place.rank, place.world_size, place.device,
-            place.cuda)))
+        report(label, f"stride:{stride}", *timed(place, lambda: whole_pass(token_losses, val, args, stride, place)))
     if args.ttt_mode == "lora":
         report("doc_isolated", f"chunk:{args.ttt_lora_chunk}", *timed(place, lambda: evaluate_documents(
             token_losses, val, args, model.bos_id, place.rank, place.world_size, place.device, place.cuda)),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +103,8 @@ def main(tg, options: argparse.Namespace) -> int:
 
         def timed(label: str, run, scale: float = 0.0) -> None:
             """Time one pass and project it: by `scale`, or else by its share of the official split's targets."""
-            tg.sync(place)
-            t0 = time.perf_counter()
-            loss, bpb, count = run()[:3]
-            tg.sync(place)
-            seconds = time.perf_counter() - t0
+            result, seconds = tg.timed(place, run)
+            loss, bpb, count = result[:3]
             log(f"eval_timing {label}: {count} targets in {seconds:.1f}s ({count / seconds:.0f} targets/s; "
                 f"val_bpb {bpb:.4f} on re-cut documents) -> {(scale or share / count) * seconds:.0f}s for "
                 + (f"the busiest of {options.world} GPUs on" if scale else f"1/{options.world} of")

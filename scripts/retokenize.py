@@ -56,7 +56,7 @@ def main() -> None:
         write_data_shard(os.path.join(a.dst_dir, f"fineweb_{a.split}_{i // a.shard_tokens:06d}.bin"),
                             out[i:i + a.shard_tokens])
     print(f"{a.split}: {len(files)} shards, {len(stream)} tokens, {len(docs)} documents -> {len(out)} tokens "
-          f"in {-(-len(out) // a.shard_tokens)} shards under {a.dst_dir}")
+          f"in {tg.ceil_div(len(out), a.shard_tokens)} shards under {a.dst_dir}")
 
 
 if __name__ == "__main__":
